@@ -1,0 +1,36 @@
+"""Model registry: every model is an NNX module built from the `config.model` slice and a vocabulary size."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm.errors import UserError
+from jaxlm.models import elmo, lstm, transformer
+
+MODELS = {
+    "rnn": lstm.RNNLM,
+    "lstm": lstm.LSTMLM,
+    "elmo": elmo.ELMo,
+    "bert": transformer.Encoder,
+    "gpt": transformer.Decoder,
+}
+
+FLOPS_PER_TOKEN = {
+    "rnn": lstm.flops_per_token,
+    "lstm": lstm.flops_per_token,
+    "elmo": elmo.flops_per_token,
+    "bert": transformer.flops_per_token,
+    "gpt": transformer.flops_per_token,
+}
+
+
+def build_model(cfg, vocab_size: int, seed: int) -> nnx.Module:
+    """Instantiate `cfg.name` with parameters drawn from `seed`."""
+    if cfg.name not in MODELS:
+        raise UserError(f"unknown model.name={cfg.name!r}; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[cfg.name](cfg, vocab_size, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a params pytree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
