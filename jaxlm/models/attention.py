@@ -1,0 +1,99 @@
+"""Multi-head self-attention (Vaswani et al. 2017) with a fused QKV projection and sown weights.
+
+Layout: activations stay [B, T, H, Dh] (a free reshape of the projection output) and the einsums
+contract in that layout, so no explicit head transposes are written.  Scores and softmax run in
+float32 whatever the compute dtype.  Masking is one `jnp.where` with a large negative finite value
+followed by `jax.nn.softmax`: a row with no visible key cannot produce NaN (it would be uniform), and
+such rows are then zeroed so a query that may see nothing attends to nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.models import layers
+
+# Large negative but finite: exp(NEG - max) underflows to exactly 0, and a row that is all NEG stays finite.
+NEG = -1e30
+
+
+def attention_mask(length: int, *, causal: bool, mask: jax.Array | None):
+    """Which keys each query may attend to: bool, broadcastable to [B, 1, T, T] (query, key), or None.
+
+    Args:
+      length: T.
+      causal: query t sees keys <= t (GPT).
+      mask: bool [B, T], True = real token; padding KEYS are hidden from every query.
+    Returns:
+      None if nothing is masked, else bool [1 or B, 1, T, T].
+    """
+    allowed = None
+    if causal:
+        allowed = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+    if mask is not None:
+        keys = mask.astype(bool)[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
+def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = False,
+                      mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) over visible keys, in float32.
+
+    Pure function of the projected queries and keys, so tests and analysis can recompute the weights
+    a layer sows.
+
+    Args:
+      q, k: [B, T, H, Dh] (any float dtype; the product accumulates in float32).
+      causal: hide keys after the query.
+      mask: bool [B, T] key padding mask (True = real), or None.
+    Returns:
+      float32 [B, H, T, T] (batch, head, query, key); each row sums to 1, or is all zero when the query
+      can see no key at all.
+    """
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    allowed = attention_mask(q.shape[1], causal=causal, mask=mask)
+    if allowed is None:
+        return jax.nn.softmax(scores, axis=-1)
+    weights = jax.nn.softmax(jnp.where(allowed, scores, NEG), axis=-1)
+    if mask is not None:  # a query whose visible keys are all padding attends to nothing (not uniformly)
+        weights = jnp.where(allowed.any(axis=-1, keepdims=True), weights, 0.0)
+    return weights
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention: fused QKV Linear(d -> 3d), per-head softmax, output Linear(d -> d).
+
+    The output projection writes into the residual stream and gets the GPT-2 scaled init.  Weights
+    [B, H, T, T] are sown as ``nnx.Intermediate`` ``attention_weights``; pull them with
+    ``nnx.pop(model, nnx.Intermediate)`` (each call appends one entry until popped).  Under jit the
+    sown value is dead code unless returned, so training pays nothing for it.
+    """
+
+    def __init__(self, features: int, num_heads: int, *, causal: bool, num_layers: int, dtype,
+                 rngs: nnx.Rngs):
+        if features % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide d_model={features}")
+        self.num_heads = num_heads
+        self.causal = causal
+        self.qkv = layers.linear(features, 3 * features, dtype=dtype, rngs=rngs)
+        self.out = layers.linear(features, features, dtype=dtype, rngs=rngs,
+                                 init=layers.residual_init(num_layers))
+
+    def project(self, x: jax.Array):
+        """x [B, T, d] -> (q, k, v), each [B, T, H, Dh], from ONE matmul."""
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x [B, T, d], mask bool [B, T] (True = real) or None -> [B, T, d]."""
+        b, t, d = x.shape
+        q, k, v = self.project(x)
+        weights = attention_weights(q, k, causal=self.causal, mask=mask)
+        self.sow(nnx.Intermediate, "attention_weights", weights)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        return self.out(y.reshape(b, t, d))

@@ -1,0 +1,117 @@
+"""Shared building blocks for the transformer models: dropout, embeddings, LayerNorm, the GELU MLP.
+
+Parameters are always float32; computation runs in ``cfg.dtype`` (the ``dtype`` arguments below), so
+bfloat16 runs keep float32 master weights and optimizer state.  Initialisation follows GPT-2
+(Radford et al. 2019): normal(0.02) for embeddings and linear kernels, zeros for biases, and
+0.02/sqrt(2L) for the projections that write into the residual stream (see :func:`residual_init`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def normal_init(std: float = INIT_STD):
+    """normal(0, std) initializer (GPT-2 / BERT use std 0.02)."""
+    return nnx.initializers.normal(stddev=std)
+
+
+def residual_init(num_layers: int):
+    """GPT-2 scaled init for residual output projections: std 0.02 / sqrt(2 * num_layers).
+
+    Each block adds two such projections (attention output, MLP output) to the residual stream, so
+    scaling by 1/sqrt(2L) keeps the residual's variance at init independent of depth.
+    """
+    return normal_init(INIT_STD / math.sqrt(2 * num_layers))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zero each element with probability `rate`, scale the rest by 1/(1-rate).
+
+    A pure function (the key is passed in, nothing is stored on a module), so models keep only
+    nnx.Param state.  `key=None` or `rate == 0` is the identity (evaluation / deterministic mode).
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def split_keys(key: jax.Array | None, num: int) -> list:
+    """`num` independent dropout keys, or `num` Nones when `key` is None (deterministic)."""
+    if key is None:
+        return [None] * num
+    return list(jax.random.split(key, num))
+
+
+def compute_dtype(cfg):
+    """The compute dtype named by `cfg.dtype` ("float32" | "bfloat16" | "float16")."""
+    return jnp.dtype(cfg.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, d] whose transpose is also the output layer (weight tying).
+
+    Tying (Press & Wolf 2017) halves the embedding-related parameters and is what GPT-2 and BERT do:
+    ``logits = h @ E^T`` (:meth:`attend`).
+    """
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(normal_init()(rngs.params(), (num_embeddings, features), jnp.float32))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids int [...] -> vectors [..., d] in the compute dtype."""
+        return jnp.take(self.embedding[...].astype(self.dtype), ids, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """h [..., d] -> logits [..., vocab] = h @ E^T, computed in the compute dtype."""
+        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class PositionEmbed(nnx.Module):
+    """Learned absolute position embeddings [max_len, d] (GPT-2, BERT)."""
+
+    def __init__(self, max_len: int, features: int, *, dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(normal_init()(rngs.params(), (max_len, features), jnp.float32))
+
+    def __call__(self, length: int) -> jax.Array:
+        """The first `length` position vectors [length, d] in the compute dtype."""
+        return self.embedding[:length].astype(self.dtype)
+
+
+def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm (Ba et al. 2016) with eps 1e-5 (GPT-2/PyTorch default); float32 params, stats in float32."""
+    return nnx.LayerNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, init=None) -> nnx.Linear:
+    """Dense layer with float32 params, normal(0.02) kernel (or `init`), zero bias, compute in `dtype`."""
+    return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=init or normal_init(), bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class MlpBlock(nnx.Module):
+    """Position-wise feed-forward: Linear(d -> hidden), GELU, Linear(hidden -> d).
+
+    The second projection writes into the residual stream and so gets the scaled init.  GELU is exact
+    (erf) unless `gelu_approximate` (tanh form, Hendrycks & Gimpel 2016), which is faster on CPU but a
+    slightly different function; it is a config choice, not a silent substitution.
+    """
+
+    def __init__(self, features: int, hidden: int, *, num_layers: int, gelu_approximate: bool, dtype,
+                 rngs: nnx.Rngs):
+        self.gelu_approximate = gelu_approximate
+        self.fc = linear(features, hidden, dtype=dtype, rngs=rngs)
+        self.proj = linear(hidden, features, dtype=dtype, rngs=rngs, init=residual_init(num_layers))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, d] -> [B, T, d]."""
+        return self.proj(jax.nn.gelu(self.fc(x), approximate=self.gelu_approximate))

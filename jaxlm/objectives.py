@@ -1,0 +1,105 @@
+"""Training objectives as pure math on logits: causal LM, masked LM (BERT), bidirectional LM (ELMo).
+
+Every loss returns float32 scalars ``(loss_sum, count, correct_sum)`` rather than a mean: summing the
+three over devices / micro-batches and dividing once keeps the mean exact however the batch is split.
+Cross-entropy is in nats, computed with ``log_softmax`` in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _weighted_ce(logits, targets, weights):
+    """(sum_i w_i * -log p(target_i), sum_i w_i, sum_i w_i * [argmax_i == target_i]), all float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    correct = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w), jnp.sum(correct * w)
+
+
+def causal_lm_loss(logits, targets, weights=None):
+    """Next-token cross-entropy.
+
+    Args:
+      logits: [B, T, V] (position t scores the token that follows it).
+      targets: int [B, T] (the next tokens, i.e. the input shifted left by one).
+      weights: [B, T] float or bool, which positions count (None = all).
+    Returns:
+      (loss_sum, count, correct_sum) float32 scalars; mean loss = loss_sum / count.
+    """
+    return _weighted_ce(logits, targets, weights)
+
+
+def masked_lm_loss(logits, targets, selected):
+    """BERT masked-LM cross-entropy over exactly the selected positions.
+
+    Args:
+      logits: [B, T, V] from the encoder run on the corrupted inputs.
+      targets: int [B, T], the ORIGINAL tokens.
+      selected: bool [B, T] from :func:`mask_tokens` (True = position was selected for prediction).
+    Returns:
+      (loss_sum, count, correct_sum) float32 scalars.
+    """
+    return _weighted_ce(logits, targets, selected)
+
+
+def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int, special_ids, valid=None):
+    """BERT corruption (Devlin et al. 2019, section 3.1 / appendix A.1).
+
+    Each eligible token (real, i.e. `valid`, and not a special token) is selected independently with
+    probability `mask_prob` (a per-token Bernoulli, so the number selected varies around mask_prob * N).
+    Of the selected: 80% become `mask_id`, 10% a token drawn uniformly from the NON-special vocabulary
+    (possibly the original token, as in BERT), 10% are left unchanged.  Unselected tokens never change.
+
+    Args:
+      tokens: int [B, T] original tokens.
+      rng: PRNG key; the result is a deterministic function of (tokens, rng).
+      mask_prob: selection probability, e.g. 0.15.
+      mask_id: the [MASK] id.
+      vocab_size: vocabulary size including specials.
+      special_ids: ids never selected and never drawn as random replacements (static sequence of ints).
+      valid: bool [B, T], True = real token (False = padding), or None for all real.
+    Returns:
+      (inputs int32 [B, T], selected bool [B, T]).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    special = np.asarray(sorted(set(int(s) for s in special_ids)), np.int32)
+    ordinary = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), special)  # static, built at trace time
+    if ordinary.size == 0:
+        raise ValueError(f"vocab_size={vocab_size} has no non-special token to draw random replacements from")
+    eligible = ~jnp.isin(tokens, jnp.asarray(special)) if special.size else jnp.ones(tokens.shape, bool)
+    if valid is not None:
+        eligible = eligible & jnp.asarray(valid, bool)
+    k_select, k_action, k_random = jax.random.split(rng, 3)
+    selected = jax.random.bernoulli(k_select, mask_prob, tokens.shape) & eligible
+    u = jax.random.uniform(k_action, tokens.shape)
+    to_mask = selected & (u < 0.8)
+    to_random = selected & (u >= 0.8) & (u < 0.9)
+    random_tokens = jnp.asarray(ordinary)[jax.random.randint(k_random, tokens.shape, 0, ordinary.size)]
+    inputs = jnp.where(to_mask, jnp.int32(mask_id), jnp.where(to_random, random_tokens, tokens))
+    return inputs, selected
+
+
+def bidirectional_lm_loss(fwd_logits, bwd_logits, tokens, mask=None):
+    """ELMo biLM loss (Peters et al. 2018): forward next-token plus backward previous-token cross-entropy.
+
+    Forward logits at t predict tokens[t+1]; backward logits at t predict tokens[t-1].  A pair counts
+    only if both positions are real (mask True), so padding is never a target nor a context of one.
+
+    Args:
+      fwd_logits, bwd_logits: [B, T, V].
+      tokens: int [B, T].
+      mask: bool [B, T] (True = real) or None for all real.
+    Returns:
+      {"forward": (loss_sum, count, correct_sum), "backward": (loss_sum, count, correct_sum)}, float32.
+    """
+    real = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    pair = real[:, :-1] & real[:, 1:]  # pair (t, t+1) both real
+    return {
+        "forward": _weighted_ce(fwd_logits[:, :-1], tokens[:, 1:], pair),
+        "backward": _weighted_ce(bwd_logits[:, 1:], tokens[:, :-1], pair),
+    }
