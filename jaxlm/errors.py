@@ -11,3 +11,9 @@ class DivergedError(Exception):
     """Non-finite loss or gradients: launch.py prints the message and exits 3 (last good checkpoint kept)."""
 
     exit_code = 3
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the run saved a checkpoint and stops; launch.py exits 130."""
+
+    exit_code = 130

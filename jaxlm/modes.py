@@ -1,0 +1,56 @@
+"""What each --mode does: train, eval, sample. Each takes the validated config and a workdir."""
+
+from __future__ import annotations
+
+import json
+
+from jaxlm import config as config_lib, generate, runs
+from jaxlm.errors import UserError
+from jaxlm.train import loop
+
+
+def train(config, workdir: str, *, restart: bool = False, **_) -> dict:
+    return loop.train(config, workdir, restart=restart)
+
+
+def evaluate(config, workdir: str, **_) -> dict:
+    """Evaluate the latest checkpoint on the validation batches; prints and returns the eval metrics."""
+    saved = config_lib.load(workdir)
+    saved.train.eval_batches = config.train.eval_batches
+    run = loop.setup(saved, workdir, for_training=False)
+    try:
+        metrics = loop.evaluate(run, run.start_step, write=False)
+    finally:
+        run.checkpointer.close()
+        run.writer.close()
+    print(json.dumps({"step": run.start_step, **metrics}, indent=2))
+    return metrics
+
+
+def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, temperature: float = 0.8,
+           top_k: int = 0, top_p: float = 1.0, top_next: int = 0, num_samples: int = 1, seed: int = 0, **_) -> list:
+    """Continue `prompt` with the trained causal model; with top_next=K print the K likeliest next tokens."""
+    trained = runs.load(workdir)
+    name = trained.config.model.name
+    if config_lib.objective_name(trained.config) != "causal_lm":
+        raise UserError(f"--mode=sample needs a causal model (gpt, lstm, rnn); the run in {workdir!r} is {name!r}")
+    tok = trained.tokenizer
+    ids = tok.encode(prompt) if prompt else [tok.eos_id]
+    if len(ids) == 0:
+        ids = [tok.eos_id]
+    if top_next:
+        rows = generate.next_token_table(trained.graphdef, trained.params, ids[-trained.config.model.max_len:], top_next)
+        print(f"next-token probabilities after {prompt!r} (step {trained.step}):")
+        for rank, (token, p) in enumerate(rows, 1):
+            print(f"{rank:3d}  {tok.token_str(token)!r:>14}  {p:8.4f}  {'#' * int(round(p * 50))}")
+        return rows
+    texts = []
+    for i in range(num_samples):
+        out = generate.sample(trained.graphdef, trained.params, ids, max_len=trained.config.model.max_len,
+                              num_tokens=num_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed + i)
+        texts.append(prompt + tok.decode(out))
+        print(texts[-1] + ("\n" + "-" * 40 if num_samples > 1 else ""))
+    return texts
+
+
+MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample}

@@ -1,0 +1,55 @@
+"""Load a trained run from its workdir — config, tokenizer, model and parameters — without its training data.
+
+Sampling, evaluation, analysis and feature extraction all start here, so a run stays usable after the
+corpus it was trained on has moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm import checkpoint, config as config_lib, models
+from jaxlm.data import tokenizers
+from jaxlm.errors import UserError
+from jaxlm.train import optim, state as state_lib
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    config: object
+    tokenizer: object
+    graphdef: object
+    params: object
+    step: int
+
+    @property
+    def model(self) -> nnx.Module:
+        """A stateful NNX model holding the trained parameters (for interactive use)."""
+        return nnx.merge(self.graphdef, self.params)
+
+
+def load(workdir: str) -> TrainedRun:
+    """The latest complete checkpoint of the run in `workdir`, with the config it was trained with."""
+    if not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir!r} does not exist")
+    config = config_lib.load(workdir)
+    tokenizer = tokenizers.load_tokenizer(config.data, workdir)
+    model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
+    target = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_latest(target)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+    step, state, _ = restored
+    return TrainedRun(config=config, tokenizer=tokenizer, graphdef=graphdef, params=state.params, step=int(step))

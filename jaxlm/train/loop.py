@@ -1,0 +1,249 @@
+"""train(config, workdir): the only orchestration — set-up, the step loop, periodic eval, checkpoints, signals.
+
+The loop fetches metrics from the device only every `train.log_every` (<= 32) steps: that bounds the
+number of queued steps, which keeps XLA:CPU collectives from deadlocking (JAX-NOTES.md §1.3), and keeps
+the host out of the way of the device. Checkpoints are written only after the pending metrics were checked
+finite, so a diverged run keeps its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm import checkpoint, data, generate, metric_writer, models, parallel, perf
+from jaxlm import config as config_lib
+from jaxlm.errors import DivergedError, Interrupted, UserError
+from jaxlm.train import optim, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything set-up builds for one run; the loop and eval read from it."""
+
+    config: object
+    workdir: str
+    dataset: object
+    graphdef: object
+    spec: step_lib.StepSpec
+    dp: parallel.DataParallel
+    checkpointer: checkpoint.Checkpointer
+    writer: metric_writer.MetricWriter
+    state: object
+    start_step: int
+    flops_per_token: float
+    num_params: int
+
+
+def setup(config, workdir: str, *, restart: bool = False, for_training: bool = True) -> Run:
+    """Data, model, optimizer, placement, and the state: restored from the latest complete checkpoint if any."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if restart and jax.process_index() == 0:
+        _set_aside_previous_run(workdir)
+    _check_resume_config(config, workdir, ckpt_dir)
+    reason = parallel.check_batch_divisible(config.train.batch_size, config.train.grad_accum_steps)
+    if reason:
+        raise UserError(reason)
+    dataset = data.build_dataset(config, workdir)
+    model = models.build_model(config.model, dataset.tokenizer.vocab_size, config.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
+    host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
+    spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
+                                         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec))
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest(host_state)
+    start_step = 0
+    if restored is not None:
+        start_step, host_state, _ = restored
+    elif not for_training:
+        raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+    if jax.process_index() == 0 and for_training:
+        config_lib.save(config, workdir)
+    writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0 and for_training,
+                                        total_steps=config.train.steps)
+    flops = models.FLOPS_PER_TOKEN[config.model.name](config.model, dataset.tokenizer.vocab_size, config.data.seq_len)
+    return Run(config=config, workdir=workdir, dataset=dataset, graphdef=graphdef, spec=spec, dp=dp,
+               checkpointer=checkpointer, writer=writer, state=dp.place_state(host_state), start_step=int(start_step),
+               flops_per_token=flops, num_params=models.count_params(params))
+
+
+def _set_aside_previous_run(workdir: str) -> None:
+    """--restart: move the old checkpoints and logs to WORKDIR/previous-<time>/ (nothing is deleted)."""
+    if not os.path.isdir(workdir):
+        return
+    names = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")
+             or n in ("checkpoints", "metrics.jsonl", "config.json", "tokenizer.json", "analysis")]
+    if not names:
+        return
+    target = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(target)
+    for name in names:
+        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+
+
+def _check_resume_config(config, workdir: str, ckpt_dir: str) -> None:
+    """A workdir with checkpoints resumes only under a compatible config (DESIGN.md: name the differing keys)."""
+    if not (os.path.isdir(ckpt_dir) and os.path.exists(os.path.join(workdir, "config.json"))):
+        return
+    conflicts = config_lib.resume_conflicts(config_lib.load(workdir), config)
+    if conflicts:
+        saved = config_lib.flatten(config_lib.load(workdir))
+        now = config_lib.flatten(config)
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs {now.get(k)!r}" for k in conflicts)
+        raise UserError(f"workdir {workdir!r} holds a run with a different config ({detail}); "
+                        "use another --workdir, or --restart to set the old run aside")
+
+
+class _SignalFlag:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit 130. A second SIGINT: stop at once."""
+
+    def __init__(self):
+        self.raised = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread (e.g. a test harness): no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config, workdir: str, *, restart: bool = False) -> dict:
+    """Train to config.train.steps (resuming if the workdir has a checkpoint); returns the final eval metrics."""
+    run = setup(config, workdir, restart=restart)
+    try:
+        _log_start(run)
+        with _SignalFlag() as signals:
+            _train_loop(run, signals)
+        final = evaluate(run, int(config.train.steps))
+        _save(run, int(config.train.steps))
+        return final
+    finally:
+        run.checkpointer.close()
+        run.writer.close()
+
+
+def _log_start(run: Run) -> None:
+    c = run.config
+    what = "resuming from step %d" % run.start_step if run.start_step else "starting"
+    run.writer.log(f"{c.model.name}: {run.num_params:,} parameters, {run.flops_per_token / 1e6:.2f} MFLOP/token, "
+                   f"vocab {run.dataset.tokenizer.vocab_size}, {len(run.dp.devices)} device(s), {c.parallel.strategy}; "
+                   f"{what} -> {c.train.steps} steps; workdir {run.workdir}")
+    if run.start_step == 0:
+        run.writer.write_text(0, "config", "```\n" + c.to_json_best_effort(indent=2) + "\n```")
+        hparams = {k: v for k, v in config_lib.flatten(c).items() if isinstance(v, (bool, int, float, str))}
+        hparams["num_params"] = run.num_params
+        run.writer.write_hparams(hparams, ["eval/loss", "eval/perplexity", "train/loss"])
+
+
+def _train_loop(run: Run, signals: _SignalFlag) -> None:
+    c = run.config.train
+    pending, last_time, last_step = [], None, run.start_step
+    peak = perf.peak_flops(run.config.model.dtype)
+    tokens_per_step = c.batch_size * run.config.data.seq_len
+    skipped = 0
+    for step in range(run.start_step, c.steps):
+        local = run.dataset.train_batch(step, c.batch_size, stateful=c.stateful,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+        run.state, metrics = run.dp.train_step(run.state, run.dp.place_batch(local))
+        pending.append(metrics)
+        done = step + 1
+        if last_time is None:      # the first step includes compilation: time from its end
+            jax.block_until_ready(metrics)
+            last_time, last_step = time.perf_counter(), done
+        if done % c.log_every == 0 or done == c.steps or signals.raised or done % c.checkpoint_every == 0:
+            if pending:
+                skipped += _write_train_metrics(run, done, pending, last_time, last_step, tokens_per_step, peak,
+                                                skipped)
+                last_time, last_step, pending = time.perf_counter(), done, []
+        if done % c.eval_every == 0 and done != c.steps:
+            evaluate(run, done)
+        if (done % c.checkpoint_every == 0 and done != c.steps) or signals.raised:
+            _save(run, done)
+        if signals.raised:
+            run.writer.log(f"{signals.raised}: checkpoint saved at step {done}; rerun the same command to resume")
+            raise Interrupted(f"interrupted by {signals.raised} at step {done}; checkpoint saved")
+
+
+def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_step, peak, skipped) -> int:
+    """Fetch the pending per-step metrics (blocks on the device), check them, log means. Returns new skips."""
+    host = jax.device_get(pending)
+    elapsed = time.perf_counter() - since_time
+    n_steps = max(step - since_step, 1)
+    nonfinite = int(sum(m["train/nonfinite"] for m in host))
+    if nonfinite and not run.spec.skip_nonfinite:
+        bad = step - len(host) + next(i for i, m in enumerate(host) if m["train/nonfinite"]) + 1
+        good = run.checkpointer.steps()
+        raise DivergedError(f"non-finite loss or gradients at step {bad}; last good checkpoint: "
+                            f"{'step %d' % good[-1] if good else 'none'} (train.skip_nonfinite=True skips such steps)")
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "train/nonfinite"}
+    tokens_per_sec = tokens_per_step * n_steps / elapsed if step > since_step else float("nan")
+    means.update({"train/learning_rate": float(optim.learning_rate_schedule(run.config.optim, run.config.train.steps)(step - 1)),
+                  "train/tokens_per_sec": tokens_per_sec, "train/step_time_ms": 1000 * elapsed / n_steps,
+                  "train/mfu": tokens_per_sec * run.flops_per_token / peak if peak else float("nan")})
+    if run.spec.objective == "masked_lm":
+        means["train/masked_accuracy"] = means["train/accuracy"]
+    if run.spec.skip_nonfinite:
+        means["train/skipped_steps"] = skipped + nonfinite
+    run.writer.write_scalars(step, means)
+    run.writer.progress(step, loss=means["train/loss"], tokens_per_sec=tokens_per_sec)
+    return nonfinite
+
+
+def _save(run: Run, step: int) -> None:
+    meta = {"config": run.config.to_dict(), "step": step}
+    run.checkpointer.save(step, run.dp.to_host(run.state), meta)
+
+
+def evaluate(run: Run, step: int, *, write: bool = True) -> dict:
+    """Mean objective over the fixed validation batches; writes eval/* scalars and a text sample."""
+    totals = None
+    for batch in run.dataset.eval_batches(run.config.train.batch_size, run.config.train.eval_batches,
+                                          process_index=jax.process_index(), process_count=jax.process_count()):
+        sums = jax.device_get(run.dp.eval_step(run.state, run.dp.place_batch(batch)))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    summary = {k.replace("train/", "eval/"): float(v) for k, v in step_lib.summarize(totals).items()}
+    loss = summary["eval/loss"]
+    summary["eval/perplexity"] = math.exp(min(loss, 80.0))
+    per = "char" if run.config.data.tokenizer in ("bytes", "chars") else "token"
+    summary[f"eval/bits_per_{per}"] = loss / math.log(2)
+    if run.spec.objective == "masked_lm":
+        summary["eval/masked_accuracy"] = summary["eval/accuracy"]
+    if write:
+        run.writer.write_scalars(step, summary)
+        run.writer.log(f"step {step}: eval loss {loss:.4f}, perplexity {summary['eval/perplexity']:.2f}")
+        _write_sample(run, step)
+    return summary
+
+
+def _write_sample(run: Run, step: int) -> None:
+    """A generated continuation of the start of the validation split, as TensorBoard text."""
+    if run.spec.objective != "causal_lm" or not run.config.train.sample_length:
+        return
+    prompt = run.dataset.valid_tokens[:16]
+    text = generate.sample(run.graphdef, run.dp.params(run.state), prompt, max_len=run.config.model.max_len,
+                           num_tokens=run.config.train.sample_length, seed=step)
+    tok = run.dataset.tokenizer
+    run.writer.write_text(step, "samples/text", f"**{tok.decode(prompt)}**{tok.decode(text)}")

@@ -1,0 +1,159 @@
+"""Pure train_step / eval_step: (state, batch) -> (state, metrics). Wrapped with jit or pmap in parallel.py.
+
+Losses are carried as sums and counts (objectives.py) and divided once at the end, so the mean is exact
+however the batch is split across micro-batches (gradient accumulation), devices or processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm import objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The static part of a step, bound once with functools.partial (hashable, so jit never retraces)."""
+
+    graphdef: Any
+    tx: Any
+    objective: str
+    mask_prob: float
+    vocab_size: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+    stateful: bool
+    grad_accum_steps: int
+    skip_nonfinite: bool
+    axis_name: str | None = None   # set for pmap: sums are psum'd over this axis
+
+    @classmethod
+    def from_config(cls, config, graphdef, tx, tokenizer, axis_name=None) -> "StepSpec":
+        return cls(graphdef=graphdef, tx=tx, objective=config_lib.objective_name(config),
+                   mask_prob=config.objective.mask_prob, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
+                   special_ids=tuple(tokenizer.special_ids), stateful=config.train.stateful,
+                   grad_accum_steps=config.train.grad_accum_steps, skip_nonfinite=config.train.skip_nonfinite,
+                   axis_name=axis_name)
+
+
+def apply_model(graphdef, params, tokens, carry=None, *, mask=None, dropout_key=None):
+    """Run the model functionally: merge inside the trace, call, return (logits, new_carry)."""
+    return nnx.merge(graphdef, params)(tokens, carry, mask=mask, dropout_key=dropout_key)
+
+
+def objective_sums(spec: StepSpec, params, batch, carry, *, dropout_key=None, mask_key=None) -> tuple[dict, Any]:
+    """Forward pass + objective. Returns ({"loss", "tokens", "correct", ...}: float32 sums, new_carry).
+
+    batch["tokens"] is [B, T+1]; inputs are the first T tokens. dropout_key=None means no dropout (eval);
+    mask_key draws the masked-LM corruption (eval passes a fixed one so every eval scores the same positions).
+    """
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+    if spec.objective == "causal_lm":
+        logits, carry = apply_model(spec.graphdef, params, inputs, carry, dropout_key=dropout_key)
+        loss, count, correct = objectives.causal_lm_loss(logits, targets, weights)
+        return {"loss": loss, "tokens": count, "correct": correct}, carry
+    if spec.objective == "masked_lm":
+        valid = weights > 0
+        masked, selected = objectives.mask_tokens(
+            inputs, mask_key, mask_prob=spec.mask_prob,
+            mask_id=spec.mask_id, vocab_size=spec.vocab_size, special_ids=spec.special_ids, valid=valid)
+        logits, _ = apply_model(spec.graphdef, params, masked, mask=valid, dropout_key=dropout_key)
+        loss, count, correct = objectives.masked_lm_loss(logits, inputs, selected)
+        return {"loss": loss, "tokens": count, "correct": correct}, carry
+    # bidirectional_lm (ELMo): forward predicts t+1, backward predicts t-1, over the same T inputs
+    mask = batch.get("mask", jnp.ones(inputs.shape, bool))
+    (fwd, bwd), _ = apply_model(spec.graphdef, params, inputs, mask=mask, dropout_key=dropout_key)
+    parts = objectives.bidirectional_lm_loss(fwd, bwd, inputs, mask)
+    (fs, fc, fk), (bs, bc, bk) = parts["forward"], parts["backward"]
+    return {"loss": fs + bs, "tokens": fc + bc, "correct": fk + bk,
+            "forward_loss": fs, "forward_tokens": fc, "backward_loss": bs, "backward_tokens": bc}, carry
+
+
+def _psum(tree, axis_name):
+    return jax.lax.psum(tree, axis_name) if axis_name else tree
+
+
+def _grad_sums(spec: StepSpec, params, batch, carry, key):
+    """Summed loss gradients over grad_accum_steps micro-batches (scan), plus summed metrics and new carry."""
+    def loss_and_aux(p, micro, c, k):
+        dropout_key, mask_key = jax.random.split(k)
+        sums, new_c = objective_sums(spec, p, micro, c, dropout_key=dropout_key, mask_key=mask_key)
+        return sums["loss"], (sums, new_c)
+
+    grad_fn = jax.grad(loss_and_aux, has_aux=True)
+    n = spec.grad_accum_steps
+    if n == 1:
+        grads, (sums, carry) = grad_fn(params, batch, carry, key)
+        return grads, sums, carry
+    micro_batches = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    micro_carry = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), carry)
+
+    def body(acc, xs):
+        micro, c, i = xs
+        g, (s, new_c) = grad_fn(params, micro, c, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, acc, (g, s)), new_c
+
+    zero_sums = jax.eval_shape(lambda: objective_sums(spec, params, jax.tree.map(lambda x: x[0], micro_batches),
+                                                      jax.tree.map(lambda x: x[0], micro_carry),
+                                                      dropout_key=key, mask_key=key)[0])
+    zeros = jax.tree.map(jnp.zeros_like, (params, zero_sums))
+    (grads, sums), new_carry = jax.lax.scan(body, zeros, (micro_batches, micro_carry, jnp.arange(n)))
+    return grads, sums, jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), new_carry)
+
+
+def train_step(state, batch, *, spec: StepSpec):
+    """One optimizer update on one global batch. Pure: the dropout/masking key is fold_in(rng, step)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    carry = state.carry if spec.stateful else None
+    grads, sums, new_carry = _grad_sums(spec, state.params, batch, carry, key)
+    grads, sums = _psum((grads, sums), spec.axis_name)
+    count = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = sums["loss"] / count
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if spec.skip_nonfinite:      # keep the old parameters and optimizer state; count the skip
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+    if spec.stateful:            # truncated BPTT: carry the state forward, not its gradient
+        new_carry = jax.lax.stop_gradient(new_carry)
+    else:
+        new_carry = state.carry
+    metrics = summarize(sums)
+    metrics.update({"train/grad_norm": grad_norm, "train/param_norm": optax.global_norm(params),
+                    "train/nonfinite": 1.0 - finite.astype(jnp.float32)})
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=new_carry)
+    return new_state, metrics
+
+
+def summarize(sums: dict, prefix: str = "train") -> dict:
+    """Sums -> the DESIGN.md metric names (means over scored tokens)."""
+    count = jnp.maximum(sums["tokens"], 1.0)
+    out = {f"{prefix}/loss": sums["loss"] / count, f"{prefix}/accuracy": sums["correct"] / count}
+    if "forward_loss" in sums:
+        out[f"{prefix}/forward_loss"] = sums["forward_loss"] / jnp.maximum(sums["forward_tokens"], 1.0)
+        out[f"{prefix}/backward_loss"] = sums["backward_loss"] / jnp.maximum(sums["backward_tokens"], 1.0)
+    return out
+
+
+def eval_step(params, batch, *, spec: StepSpec):
+    """Objective sums on one batch without dropout (masked-LM masking from a fixed key: same every eval)."""
+    sums, _ = objective_sums(spec, params, batch, None, mask_key=jax.random.key(1234))
+    return _psum(sums, spec.axis_name)
+
+
+def bind(spec: StepSpec) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) with the static spec bound, ready for parallel.wrap."""
+    return functools.partial(train_step, spec=spec), functools.partial(eval_step, spec=spec)

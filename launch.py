@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""The one entry point: flags + an experiment config -> jaxlm.run(config, workdir, mode).
+
+  python launch.py                                                  # the default experiment
+  python launch.py --config=experiments/gpt_char.py --config.model.num_layers=6 --workdir=runs/gpt
+  python launch.py --mode=sample --workdir=runs/gpt --prompt="def " --top_next=10
+
+Exit codes: 0 done; 2 bad flag, config, data or workdir (one line on stderr, no traceback);
+3 training diverged; 130 interrupted (after a checkpoint was written).
+"""
+
+import os
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_EXPERIMENT = os.path.join(HERE, "experiments", "gpt_char.py")
+MODES = ("train", "eval", "sample")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_EXPERIMENT, "Experiment file (experiments/*.py, optionally FILE:ARG); override any key with "
+    "--config.SECTION.KEY=VALUE (type-checked; unknown keys are an error). Keys: see jaxlm/config.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<experiment>-<timestamp>); rerunning "
+                               "on an existing workdir resumes from its latest complete checkpoint.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "train | eval (latest checkpoint on the validation split) | "
+                          "sample (continue --prompt with a trained causal model).")
+_RESTART = flags.DEFINE_bool("restart", False, "Train from scratch in a workdir that has checkpoints "
+                             "(the old run is moved to WORKDIR/previous-<time>/, not deleted).")
+_PROMPT = flags.DEFINE_string("prompt", "", "sample: the text to continue.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "sample: tokens to generate.", lower_bound=1)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "sample: independent continuations.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "sample: softmax temperature.", lower_bound=1e-3)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 = all).", lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample: nucleus sampling mass (1 = off).", lower_bound=1e-6, upper_bound=1.0)
+_TOP_NEXT = flags.DEFINE_integer("top_next", 0, "sample: print the K most likely next tokens with probabilities "
+                                 "instead of sampling.", lower_bound=0)
+_SEED = flags.DEFINE_integer("sample_seed", 0, "sample: random seed of the sampler.")
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation cache in "
+                           "$JAXLM_CACHE_DIR or ~/.cache/jaxlm (second runs start faster).")
+
+
+def _die(message: str, code: int = 2) -> None:
+    """One line on stderr, no traceback."""
+    print(f"launch.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv):
+    try:
+        flags.FLAGS(argv)
+        return _CONFIG.value
+    except flags.Error as e:
+        _die(e)
+    except (AttributeError, KeyError) as e:       # ml_collections: unknown --config.a.b key
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        _die(f"unknown config key in {' '.join(bad) or argv}: {e}")
+    except (FileNotFoundError, IsADirectoryError) as e:
+        _die(f"--config file not found: {e.filename}")
+    except Exception as e:                           # config file that fails to import, bad override values
+        _die(f"could not load --config: {type(e).__name__}: {e}")
+
+
+def _default_workdir() -> str:
+    raw = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else None
+    name = os.path.splitext(os.path.basename((raw or DEFAULT_EXPERIMENT).split(":")[0]))[0]
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _configure_jax(use_cache: bool) -> None:
+    import jax
+
+    from jaxlm import perf
+    if use_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(perf.cache_dir(), "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(argv) -> int:
+    config = _parse_flags(argv)
+    mode = _MODE.value
+    workdir = _WORKDIR.value
+    if workdir is None:
+        if mode != "train":
+            _die(f"--mode={mode} needs --workdir=RUN (a directory a training run wrote)")
+        workdir = _default_workdir()
+
+    import jaxlm
+    from jaxlm import config as config_lib
+    from jaxlm.errors import DivergedError, Interrupted, UserError
+    try:
+        config_lib.validate(config)
+        _configure_jax(_CACHE.value)
+        jaxlm.run(config, workdir, mode, restart=_RESTART.value, prompt=_PROMPT.value, num_tokens=_NUM_TOKENS.value,
+                  num_samples=_NUM_SAMPLES.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                  top_p=_TOP_P.value, top_next=_TOP_NEXT.value, seed=_SEED.value)
+    except UserError as e:
+        _die(e, 2)
+    except DivergedError as e:
+        _die(e, 3)
+    except (Interrupted, KeyboardInterrupt) as e:
+        _die(e or "interrupted", 130)
+    if mode == "train":
+        print(f"done. Watch it in TensorBoard:  tensorboard --logdir {os.path.dirname(workdir) or workdir} "
+              "--host 127.0.0.1   (then open http://127.0.0.1:6006)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
