@@ -20,10 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXPERIMENT = os.path.join(HERE, "experiments", "gpt_char.py")
 MODES = ("train", "eval", "sample")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_EXPERIMENT, "Experiment file (experiments/*.py, optionally FILE:ARG); override any key with "
-    "--config.SECTION.KEY=VALUE (type-checked; unknown keys are an error). Keys: see jaxlm/config.py.",
-    lock_config=True)
+CONFIG_HELP = ( "Experiment file (experiments/*.py, optionally FILE:ARG); override any key with "
+    "--config.SECTION.KEY=VALUE (type-checked; unknown keys are an error). Keys: see jaxlm/config.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<experiment>-<timestamp>); rerunning "
                                "on an existing workdir resumes from its latest complete checkpoint.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "train | eval (latest checkpoint on the validation split) | "
@@ -50,23 +48,38 @@ def _die(message: str, code: int = 2) -> None:
 
 
 def _parse_flags(argv):
+    """Parse flags; the config file's overrides are applied as the flag is defined, so that is inside the try."""
+    for arg in argv[1:]:
+        if arg.startswith("--config=") or arg.startswith("--config:"):
+            path = arg.split("=", 1)[-1].split(":")[0]
+            if not os.path.isfile(path):
+                _die(f"--config file not found: {path!r} (experiments: {', '.join(_experiments())})")
     try:
+        config_flag = config_flags.DEFINE_config_file("config", DEFAULT_EXPERIMENT, CONFIG_HELP, lock_config=True)
         flags.FLAGS(argv)
-        return _CONFIG.value
+        return config_flag.value
     except flags.Error as e:
         _die(e)
     except (AttributeError, KeyError) as e:       # ml_collections: unknown --config.a.b key
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        _die(f"unknown config key in {' '.join(bad) or argv}: {e}")
+        key = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
+        _die(f"unknown config key {' '.join(bad) or key!r}: see jaxlm/config.py (default_config) for the keys")
     except (FileNotFoundError, IsADirectoryError) as e:
         _die(f"--config file not found: {e.filename}")
     except Exception as e:                           # config file that fails to import, bad override values
         _die(f"could not load --config: {type(e).__name__}: {e}")
 
 
-def _default_workdir() -> str:
-    raw = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else None
-    name = os.path.splitext(os.path.basename((raw or DEFAULT_EXPERIMENT).split(":")[0]))[0]
+def _experiments() -> list[str]:
+    folder = os.path.join(HERE, "experiments")
+    return sorted(f"experiments/{n}" for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_"))
+
+
+def _default_workdir(argv) -> str:
+    """runs/<experiment>[-<arg>]-<timestamp>."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), DEFAULT_EXPERIMENT)
+    path, _, arg = spec.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else "")
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -87,7 +100,7 @@ def main(argv) -> int:
     if workdir is None:
         if mode != "train":
             _die(f"--mode={mode} needs --workdir=RUN (a directory a training run wrote)")
-        workdir = _default_workdir()
+        workdir = _default_workdir(argv)
 
     import jaxlm
     from jaxlm import config as config_lib
