@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128
     c.data.valid_fraction = 0.1      # the last fraction of the corpus, contiguous (nanoGPT's split)
     c.data.max_corpus_bytes = 4_000_000  # builtin: cap on bytes read from the standard library (0 = all)
+    c.data.distance = 16             # synthetic tasks: the dependency distance d (tokens between cue and answer)
+    c.data.num_symbols = 8           # synthetic tasks: size of the symbol alphabet
+    c.data.filler = "random"         # synthetic recall: distractors are random symbols ("random") or one blank ("blank")
 
     c.objective = ml_collections.ConfigDict()
     c.objective.name = ""            # "" = the model's natural objective (see DEFAULT_OBJECTIVE)
@@ -86,6 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0          # global-norm clipping; 0 = off
     c.optim.beta1 = 0.9
     c.optim.beta2 = 0.99
+
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.tolerance = 0.01      # effective context: smallest d whose loss is within this of the best
+    c.analysis.num_sequences = 256   # sequences averaged for gradient sensitivity
+    c.analysis.num_windows = 4096    # target windows for context ablation
+    c.analysis.attention_text = ""   # text for attention maps ("" = the start of the validation split)
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.strategy = "jit"      # jit (mesh + NamedSharding) | pmap (legacy)
