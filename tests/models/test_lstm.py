@@ -1,0 +1,321 @@
+"""RNN / LSTM layers and LMs against float64 NumPy equations, finite differences and their own properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm.models import lstm
+
+
+def _cfg(name="lstm", **overrides):
+    cfg = config_lib.default_config().model
+    cfg.name = name
+    cfg.num_layers, cfg.d_model, cfg.hidden_size = 2, 16, 24
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_lstm(x, h, c, w_ih, w_hh, b, w_p=None):
+    """float64 NumPy LSTM(P) over x [T, B, in]: the textbook equations, one step at a time."""
+    hs = []
+    for x_t in x:
+        z = x_t @ w_ih + h @ w_hh + b
+        i, f, g, o = np.split(z, 4, axis=-1)
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        m = _sigmoid(o) * np.tanh(c)
+        h = m if w_p is None else m @ w_p
+        hs.append(h)
+    return np.stack(hs), h, c
+
+
+def _np_rnn(x, h, w_ih, w_hh, b):
+    hs = []
+    for x_t in x:
+        h = np.tanh(x_t @ w_ih + h @ w_hh + b)
+        hs.append(h)
+    return np.stack(hs), h
+
+
+def _f64(p):
+    return np.asarray(p[...], np.float64)
+
+
+def _random_lstm_args(key, T, B, H, P, dtype=jnp.float32, scale=0.5):
+    """Random (xw, w_hh, w_p, h0, c0) for the pure recurrences; P=0 means no projection."""
+    ks = jax.random.split(key, 5)
+    out = P if P else H
+    xw = jax.random.normal(ks[0], (T, B, 4 * H), dtype)
+    w_hh = scale * jax.random.normal(ks[1], (out, 4 * H), dtype) / np.sqrt(out)
+    w_p = scale * jax.random.normal(ks[2], (H, P), dtype) / np.sqrt(H) if P else None
+    h0 = 0.5 * jax.random.normal(ks[3], (B, out), dtype)
+    c0 = 0.5 * jax.random.normal(ks[4], (B, H), dtype)
+    return xw, w_hh, w_p, h0, c0
+
+
+# --- cells against float64 NumPy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("projection", [0, 5])
+@pytest.mark.parametrize("T", [1, 9])
+def test_lstm_layer_matches_numpy(projection, T):
+    layer = lstm.LSTMLayer(6, 8, projection, rngs=nnx.Rngs(params=1))
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (T, 3, 6))
+    h0 = 0.3 * jax.random.normal(jax.random.key(1), (3, projection or 8))
+    c0 = 0.3 * jax.random.normal(jax.random.key(2), (3, 8))
+    hs, (h, c) = layer(x, (h0, c0))
+    w_p = _f64(layer.w_p) if projection else None
+    ref_hs, ref_h, ref_c = _np_lstm(np.asarray(x, np.float64), np.asarray(h0, np.float64),
+                                    np.asarray(c0, np.float64), _f64(layer.w_ih), _f64(layer.w_hh),
+                                    _f64(layer.b), w_p)
+    np.testing.assert_allclose(hs, ref_hs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6)
+    assert hs.shape == (T, 3, projection or 8)
+
+
+@pytest.mark.parametrize("T", [1, 9])
+def test_rnn_layer_matches_numpy(T):
+    layer = lstm.RNNLayer(6, 8, rngs=nnx.Rngs(params=1))
+    x = jax.random.normal(jax.random.key(0), (T, 3, 6))
+    h0 = 0.3 * jax.random.normal(jax.random.key(1), (3, 8))
+    hs, h = layer(x, h0)
+    ref_hs, ref_h = _np_rnn(np.asarray(x, np.float64), np.asarray(h0, np.float64), _f64(layer.w_ih),
+                            _f64(layer.w_hh), _f64(layer.b))
+    np.testing.assert_allclose(hs, ref_hs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-6)
+
+
+# --- gradients against central finite differences (float64) ------------------------------------------
+
+
+def _check_directional_derivatives(f, args, key, eps=1e-5, rtol=1e-6):
+    """<grad f, v> == (f(a + eps v) - f(a - eps v)) / 2 eps for a random direction v in each argument."""
+    grads = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
+    f = jax.jit(f)
+    for n, (arg, grad) in enumerate(zip(args, grads)):
+        if arg is None:
+            continue
+        v = jax.random.normal(jax.random.fold_in(key, n), arg.shape, arg.dtype)
+        plus = list(args); plus[n] = arg + eps * v
+        minus = list(args); minus[n] = arg - eps * v
+        fd = (f(*plus) - f(*minus)) / (2 * eps)
+        np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=rtol, atol=1e-9, err_msg=f"argument {n}")
+
+
+@pytest.mark.parametrize("fused,projection", [(True, 0), (True, 3), (False, 3)])
+def test_lstm_gradients_match_finite_differences(fused, projection):
+    with jax.enable_x64(True):
+        args = _random_lstm_args(jax.random.key(3), 6, 2, 4, projection, jnp.float64)
+        weights = jax.random.normal(jax.random.key(4), (6, 2, projection or 4), jnp.float64)
+
+        def loss(*a):
+            hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
+            return jnp.sum(hs * weights) + jnp.sum(h ** 2) + jnp.sum(jnp.sin(c))
+
+        _check_directional_derivatives(loss, args, jax.random.key(5))
+
+
+def test_rnn_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        ks = jax.random.split(jax.random.key(6), 4)
+        xw = jax.random.normal(ks[0], (6, 2, 4), jnp.float64)
+        w_hh = 0.5 * jax.random.normal(ks[1], (4, 4), jnp.float64)
+        h0 = 0.5 * jax.random.normal(ks[2], (2, 4), jnp.float64)
+        weights = jax.random.normal(ks[3], (6, 2, 4), jnp.float64)
+
+        def loss(xw, w_hh, h0):
+            hs, h = lstm.rnn_scan(xw, w_hh, h0)
+            return jnp.sum(hs * weights) + jnp.sum(h ** 2)
+
+        _check_directional_derivatives(loss, (xw, w_hh, h0), jax.random.key(7))
+
+
+# --- the custom-VJP path equals autodiff -------------------------------------------------------------
+
+
+def _rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("projection", [0, 5])
+def test_fused_lstm_equals_autodiff(projection):
+    args = _random_lstm_args(jax.random.key(8), 40, 3, 16, projection, scale=1.5)
+    ct = jax.random.normal(jax.random.key(9), (40, 3, projection or 16))
+    ct_h = jax.random.normal(jax.random.key(10), (3, projection or 16))
+    ct_c = jax.random.normal(jax.random.key(11), (3, 16))
+
+    def loss(fused, *a):
+        hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
+        return jnp.sum(hs * ct) + jnp.sum(h * ct_h) + jnp.sum(c * ct_c)
+
+    out_f = jax.jit(lstm.lstm_scan_fused)(*args)
+    out_r = jax.jit(lstm.lstm_scan_reference)(*args)
+    for a, b in zip(jax.tree.leaves(out_f), jax.tree.leaves(out_r)):
+        assert _rel_err(a, b) < 1e-6
+    argnums = (1, 2, 3, 4, 5)
+    g_f = jax.jit(jax.grad(loss, argnums=argnums), static_argnums=0)(True, *args)
+    g_r = jax.jit(jax.grad(loss, argnums=argnums), static_argnums=0)(False, *args)
+    assert len(jax.tree.leaves(g_f)) == (5 if projection else 4)
+    for name, a, b in zip(["xw", "w_hh", "w_p", "h0", "c0"], g_f, g_r):
+        if b is not None:
+            assert _rel_err(a, b) < 1e-5, name
+
+
+def test_fused_lstmlm_param_and_input_grads_equal_autodiff():
+    cfg = _cfg(projection_size=12)
+    models = [lstm.LSTMLM(cfg, 11, rngs=nnx.Rngs(params=0), fused=f) for f in (True, False)]
+    tokens = jax.random.randint(jax.random.key(0), (3, 20), 0, 11)
+    carry = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a), models[0].initial_carry(3))
+
+    def grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        x = model.embed(tokens)
+
+        def loss(params, x, carry):
+            logits, new_carry = nnx.merge(graphdef, params).forward_from_embeddings(x, carry)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + sum(jnp.sum(a) for a in jax.tree.leaves(new_carry))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, x, carry)
+
+    g_fused, g_ref = grads(models[0]), grads(models[1])
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref)):
+        assert _rel_err(a, b) < 1e-5
+
+
+# --- initialisation ----------------------------------------------------------------------------------
+
+
+def test_forget_bias_init():
+    b = np.asarray(lstm.lstm_bias_init(jax.random.key(0), 7, forget_bias=2.5))
+    np.testing.assert_array_equal(b[7:14], 2.5)
+    np.testing.assert_array_equal(np.delete(b, np.s_[7:14]), 0.0)
+    model = lstm.LSTMLM(_cfg(), 11, rngs=nnx.Rngs(params=0))  # default config: forget_bias = 1.0
+    np.testing.assert_array_equal(model.layers[0].b[24:48], 1.0)
+
+
+def test_chrono_init():
+    t_max = 50
+    b = np.asarray(lstm.lstm_bias_init(jax.random.key(0), 2000, lstm_init="chrono", max_len=t_max))
+    b_i, b_f, rest = b[:2000], b[2000:4000], b[4000:]
+    np.testing.assert_array_equal(b_i, -b_f)
+    np.testing.assert_array_equal(rest, 0.0)
+    assert b_f.min() >= 0.0 and b_f.max() <= np.log(t_max - 1) + 1e-6
+    # exp(b_f) ~ U(1, T_max - 1): its mean and spread match the uniform's
+    np.testing.assert_allclose(np.exp(b_f).mean(), t_max / 2, rtol=0.05)
+    np.testing.assert_allclose(np.exp(b_f).std(), (t_max - 2) / np.sqrt(12), rtol=0.05)
+    model = lstm.LSTMLM(_cfg(lstm_init="chrono", max_len=t_max), 11, rngs=nnx.Rngs(params=0))
+    np.testing.assert_array_equal(model.layers[1].b[:24], -model.layers[1].b[24:48])
+
+
+# --- LM properties -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,projection", [("rnn", 0), ("lstm", 0), ("lstm", 12)])
+def test_model_state_is_only_params(name, projection):
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    model = cls(_cfg(name, projection_size=projection, dropout=0.1), 11, rngs=nnx.Rngs(params=0))
+    assert not jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    logits, carry = model(jnp.zeros((2, 5), jnp.int32), dropout_key=jax.random.key(0))
+    assert logits.shape == (2, 5, 11) and logits.dtype == jnp.float32
+    assert jax.tree.structure(carry) == jax.tree.structure(model.initial_carry(2))
+
+
+@pytest.mark.parametrize("name,projection", [("rnn", 0), ("lstm", 0), ("lstm", 12)])
+def test_carry_across_segments_equals_one_pass(name, projection):
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    model = cls(_cfg(name, projection_size=projection), 11, rngs=nnx.Rngs(params=0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 17), 0, 11)
+    full, full_carry = model(tokens)
+    first, carry = model(tokens[:, :7])
+    second, carry = model(tokens[:, 7:], carry)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(full_carry)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # and the state matters: restarting from zeros gives different logits
+    assert _rel_err(model(tokens[:, 7:])[0], second) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_step_equals_full_sequence(name):
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    model = cls(_cfg(name, projection_size=12 if name == "lstm" else 0), 11, rngs=nnx.Rngs(params=0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 11)
+    full, _ = model(tokens)
+    step = jax.jit(lambda t, c: model.step(t, c))
+    carry = model.initial_carry(2)
+    for t in range(tokens.shape[1]):  # the test walks token by token; the model never loops over time
+        logits, carry = step(tokens[:, t], carry)
+        np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_and_embedding_entry_point():
+    model = lstm.LSTMLM(_cfg(projection_size=16), 11, rngs=nnx.Rngs(params=0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, 11)
+    states = model.hidden_states(tokens)
+    assert [s.shape for s in states] == [(2, 6, 16)] * 3
+    logits, _ = model(tokens)
+    tied = states[-1] @ model.embedding.embedding[...].T + model.logit_bias[...]
+    np.testing.assert_allclose(tied, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.forward_from_embeddings(model.embed(tokens))[0], logits, rtol=1e-6)
+
+
+def test_flops_per_token_is_six_times_matmul_params():
+    for name, projection in [("rnn", 0), ("lstm", 0), ("lstm", 12)]:
+        cfg = _cfg(name, projection_size=projection)
+        model = (lstm.RNNLM if name == "rnn" else lstm.LSTMLM)(cfg, 11, rngs=nnx.Rngs(params=0))
+        matmul_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param))
+                            if p.ndim == 2) - 11 * cfg.d_model   # embedding lookup is free ...
+        matmul_params += 11 * cfg.d_model                         # ... the tied output layer is not
+        assert lstm.flops_per_token(cfg, 11, 64) == 6 * matmul_params
+    # closed form, 2-layer LSTM, d 16, H 24, V 11, no projection (output projection 24 -> 16)
+    expected = 3 * 2 * ((16 + 24) * 96 + (24 + 24) * 96 + 24 * 16 + 16 * 11)
+    assert lstm.flops_per_token(_cfg(), 11, 64) == expected
+
+
+# --- learning ----------------------------------------------------------------------------------------
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 8
+VOCAB = sorted(set(TEXT))
+
+
+def _overfit(model, steps=300, lr=1e-2):
+    ids = np.array([VOCAB.index(ch) for ch in TEXT], np.int32)
+    batch = jnp.asarray(np.stack([ids[s:s + 33] for s in range(0, 8 * 37, 37)]))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(lr)
+    opt_state = tx.init(params)
+
+    def loss_fn(params):
+        logits, _ = nnx.merge(graphdef, params)(batch[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+    @jax.jit
+    def train_step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    first = None
+    for _ in range(steps):
+        params, opt_state, loss = train_step(params, opt_state)
+        first = loss if first is None else first
+    return float(first), float(loss_fn(params))
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_overfits_tiny_text(name):
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    cfg = _cfg(name, d_model=32, hidden_size=64)
+    first, last = _overfit(cls(cfg, len(VOCAB), rngs=nnx.Rngs(params=0)))
+    assert first > 0.8 * np.log(len(VOCAB)) and last < 0.2, (first, last)
