@@ -283,7 +283,7 @@ def _safe_chunks(text: str, size: int) -> list[str]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable-character table, which byte-level BPE uses to spell tokens."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
