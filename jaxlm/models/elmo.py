@@ -1,12 +1,152 @@
-"""PLACEHOLDER (being written): ELMo biLM."""
+"""ELMo's bidirectional language model (Peters et al. 2018, "Deep contextualized word representations").
+
+A shared token embedding feeds two stacks of projected LSTM layers (LSTMP, :class:`lstm.LSTMLayer`
+with hidden cfg.hidden_size projected back to d = cfg.d_model): the forward stack reads left to right
+and predicts token t+1, the backward stack reads right to left and predicts token t-1.  From the second
+layer on each layer adds its input (residual connection).  Both directions share one softmax, tied to
+the embedding: logits = h @ E^T + bias.
+
+Padding: rows are right-padded (mask True on a prefix).  The backward stack reverses only each row's
+real tokens (:func:`flip_sequences`), so it starts at the row's last real token, never at padding.
+
+The per-layer representations for transfer (:meth:`ELMo.embeddings`) concatenate the two directions:
+layer 0 is the token embedding duplicated to [x; x], layer l is [forward_l; backward_l], each 2d wide.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.models import layers, lstm
 
 
-class ELMo:
-    def __init__(self, *a, **k):
-        raise NotImplementedError
+def flip_sequences(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Flips each row's first `lengths[b]` steps along time (axis 0), leaving the padding in place.
+
+    Naive `x[::-1]` would put the padding first, and a recurrent layer would then read padding before
+    the real tokens.  Time-major, like the layers.  Example (one row, length 3, padding 0):
+      x = [1, 2, 3, 0, 0]  ->  [3, 2, 1, 0, 0]
+    Flipping twice is the identity.
+
+    Args:
+      x: [T, B, ...]; lengths: int [B] (<= T).
+    Returns:
+      [T, B, ...], the same shape.
+    """
+    steps = jnp.arange(x.shape[0])[:, None]                       # [T, 1]
+    idx = jnp.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)  # [T, B]
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=0)
 
 
+def run_stack(stack, x: jax.Array, *, dropout_rate: float = 0.0, keys=None) -> list:
+    """Runs a stack of LSTM layers left to right with residual connections from the second layer on.
+
+    h_1 = lstm_1(x);  h_l = lstm_l(h_{l-1}) + h_{l-1} for l >= 2 (dropout, if any, on each layer's input).
+    Args:
+      stack: sequence of :class:`lstm.LSTMLayer` mapping d -> d.
+      x: [T, B, d] time-major.  keys: one dropout key (or None) per layer.
+    Returns:
+      list of the layers' outputs, each [T, B, d].
+    """
+    keys = [None] * len(stack) if keys is None else keys
+    outputs, h = [], x
+    for n, (layer, key) in enumerate(zip(stack, keys)):
+        y, _ = layer(layers.dropout(h, dropout_rate, key))
+        h = y if n == 0 else y + h
+        outputs.append(h)
+    return outputs
 
 
-def flops_per_token(cfg, vocab_size, seq_len):
-    raise NotImplementedError
+class ELMo(nnx.Module):
+    """Bidirectional LSTM LM with tied softmax; returns ((forward_logits, backward_logits), None).
+
+    `cfg.projection_size` is not used: every layer projects to d = cfg.d_model, as in the paper (4096
+    cells projected to 512).  ELMo is not stateful: `carry` is ignored and None is returned.
+    """
+
+    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs, fused: bool = True):
+        self.dtype = layers.compute_dtype(cfg)
+        self.dropout_rate = float(cfg.dropout)
+        self.num_layers = cfg.num_layers
+        d = cfg.d_model
+        self.embedding = layers.Embed(vocab_size, d, dtype=self.dtype, rngs=rngs)
+
+        def make_stack():
+            return nnx.List([lstm.LSTMLayer(d, cfg.hidden_size, d, forget_bias=cfg.forget_bias,
+                                            lstm_init=cfg.lstm_init, max_len=cfg.max_len, dtype=self.dtype,
+                                            fused=fused, rngs=rngs) for _ in range(cfg.num_layers)])
+
+        self.forward_layers = make_stack()
+        self.backward_layers = make_stack()
+        self.logit_bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
+
+    def initial_carry(self, batch_size: int):
+        """None: the backward direction cannot carry state across segments."""
+        del batch_size
+        return None
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens int [B, T] -> embeddings [B, T, d] (compute dtype)."""
+        return self.embedding(tokens)
+
+    def _directions(self, x, mask, dropout_key):
+        """x [B, T, d] -> (forward outputs, backward outputs): lists of time-major [T, B, d], one per layer."""
+        lengths = (jnp.full((x.shape[0],), x.shape[1], jnp.int32) if mask is None
+                   else jnp.sum(mask, axis=1, dtype=jnp.int32))
+        keys = layers.split_keys(dropout_key, 2 * self.num_layers)
+        x = jnp.swapaxes(x, 0, 1)
+        fwd = run_stack(self.forward_layers, x, dropout_rate=self.dropout_rate, keys=keys[:self.num_layers])
+        bwd = run_stack(self.backward_layers, flip_sequences(x, lengths), dropout_rate=self.dropout_rate,
+                        keys=keys[self.num_layers:])
+        return fwd, [flip_sequences(h, lengths) for h in bwd]
+
+    def _logits(self, h, key):
+        """Top-layer output [T, B, d] -> logits [B, T, V] float32 through the shared, tied softmax."""
+        h = layers.dropout(h, self.dropout_rate, key)
+        logits = jnp.einsum("tbd,vd->btv", h, self.embedding.embedding[...].astype(self.dtype))
+        return (logits + self.logit_bias[...].astype(self.dtype)).astype(jnp.float32)
+
+    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
+        """x [B, T, d] -> ((forward_logits, backward_logits) each [B, T, V] float32, None).
+
+        forward_logits[:, t] predicts token t+1; backward_logits[:, t] predicts token t-1.
+        """
+        del carry
+        keys = layers.split_keys(dropout_key, 3)
+        fwd, bwd = self._directions(x, mask, keys[0])
+        return (self._logits(fwd[-1], keys[1]), self._logits(bwd[-1], keys[2])), None
+
+    def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
+        """tokens int [B, T], mask bool [B, T] (right padding) -> ((fwd_logits, bwd_logits), None)."""
+        return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
+
+    def embeddings(self, tokens, mask=None) -> jax.Array:
+        """Per-layer contextual representations [num_layers + 1, B, T, 2d] (no dropout).
+
+        Layer 0 is the token embedding duplicated to [x; x] (as in the paper, so all layers have the
+        same width); layer l is [forward_l; backward_l].  Positions where mask is False are padding.
+        """
+        x = self.embed(tokens)
+        fwd, bwd = self._directions(x, mask, None)
+        reps = [jnp.concatenate([x, x], axis=-1)]
+        reps += [jnp.swapaxes(jnp.concatenate([f, b], axis=-1), 0, 1) for f, b in zip(fwd, bwd)]
+        return jnp.stack(reps)
+
+    def hidden_states(self, tokens, *, mask=None):
+        """The rows of :meth:`embeddings` as a list: [embedding [B, T, 2d], layer 1 [B, T, 2d], ...]."""
+        return list(self.embeddings(tokens, mask))
+
+
+def flops_per_token(cfg, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x forward, forward = two directions x (LSTMP layers + tied softmax).
+
+    Each direction: per layer 2 * (d*4H + d*4H + H*d) (input, recurrent and projection matmuls), plus
+    its softmax 2 * d * V.  `seq_len` does not enter (no attention).
+    """
+    del seq_len
+    d, hidden = cfg.d_model, cfg.hidden_size
+    per_direction = cfg.num_layers * lstm.layer_matmul_flops("lstm", d, hidden, d) + 2 * d * vocab_size
+    return float(3 * 2 * per_direction)
