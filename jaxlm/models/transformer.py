@@ -98,6 +98,9 @@ class Transformer(nnx.Module):
 
         Everything after the embedding lookup, so analysis can take gradients w.r.t. x.
         mask: bool [B, T] (True = real token; padding keys are hidden from attention) or None.
+        Differentiate functionally: ``jax.grad(lambda x: nnx.merge(graphdef, params).forward_from_embeddings(x)...)``.
+        A live module cannot be used inside jax.grad/jit directly: its attention layers sow weights, and NNX
+        forbids mutating a module from inside a transform's trace (TraceContextError).
         """
         keys = layers.split_keys(dropout_key, 1 + len(self.blocks))
         h = layers.dropout(x, self.rate, keys[0])

@@ -1,0 +1,83 @@
+"""Attention weights vs a float64 NumPy recomputation from the layer's own queries and keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.models import attention
+
+
+def numpy_weights(q, k, allowed):
+    """float64 softmax(q k^T / sqrt(Dh)) over allowed keys; q, k [B, T, H, Dh]; allowed [B, T, T]."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(allowed[:, None], s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def make_layer(causal, d=32, heads=4):
+    return attention.MultiHeadAttention(d, heads, causal=causal, num_layers=2, dtype=jnp.float32,
+                                        rngs=nnx.Rngs(params=0))
+
+
+def run(layer, x, mask):
+    out = layer(x, mask)
+    sown = nnx.pop(layer, nnx.Intermediate)
+    (weights,) = sown["attention_weights"].get_value()
+    return out, np.asarray(weights)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_weights_match_numpy_and_rows_sum_to_one(causal):
+    b, t, d = 3, 9, 32
+    x = jax.random.normal(jax.random.key(1), (b, t, d))
+    lengths = np.array([9, 6, 2])
+    mask = np.arange(t)[None] < lengths[:, None]
+    layer = make_layer(causal)
+    out, w = run(layer, x, jnp.asarray(mask))
+    assert out.shape == (b, t, d) and w.shape == (b, 4, t, t) and w.dtype == np.float32
+    q, k, _ = layer.project(x)
+    allowed = np.broadcast_to(mask[:, None, :], (b, t, t))
+    if causal:
+        allowed = allowed & np.tril(np.ones((t, t), bool))
+    np.testing.assert_allclose(w, numpy_weights(q, k, allowed), atol=1e-6)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+    for i, n in enumerate(lengths):
+        assert (w[i, :, :, n:] == 0).all(), "padding keys got weight"
+    # The pure function gives the same as what the layer sowed.
+    np.testing.assert_array_equal(w, attention.attention_weights(q, k, causal=causal, mask=jnp.asarray(mask)))
+    assert nnx.state(layer, nnx.Intermediate) == nnx.State({})
+
+
+def test_output_equals_weights_times_values_and_projection():
+    b, t, d = 2, 5, 32
+    x = jax.random.normal(jax.random.key(2), (b, t, d))
+    layer = make_layer(False)
+    out, w = run(layer, x, None)
+    _, _, v = layer.project(x)
+    y = np.einsum("bhqk,bkhd->bqhd", w.astype(np.float64), np.asarray(v, np.float64)).reshape(b, t, d)
+    ref = y @ np.asarray(layer.out.kernel[...], np.float64) + np.asarray(layer.out.bias[...], np.float64)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q = k = jax.random.normal(jax.random.key(3), (2, 4, 2, 8))
+    mask = jnp.array([[False] * 4, [True, True, False, False]])
+    w = np.asarray(attention.attention_weights(q, k, causal=True, mask=mask))
+    assert np.isfinite(w).all()
+    assert (w[0] == 0).all()
+    np.testing.assert_allclose(w[1].sum(-1), 1.0, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_weights():
+    layer = attention.MultiHeadAttention(16, 2, causal=True, num_layers=1, dtype=jnp.bfloat16,
+                                         rngs=nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.key(4), (1, 6, 16))
+    out, w = run(layer, x, None)
+    assert out.dtype == jnp.bfloat16 and w.dtype == np.float32
+    assert layer.qkv.kernel[...].dtype == jnp.float32
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
