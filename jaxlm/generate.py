@@ -34,13 +34,12 @@ def filter_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: fl
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "num_tokens", "temperature", "top_k", "top_p"))
 def _sample_window(graphdef, params, prompt, key, *, max_len, num_tokens, temperature, top_k, top_p):
     """Transformer sampling over a rolling window of max_len tokens (prompt: int32 [P], P <= max_len)."""
-    model = nnx.merge(graphdef, params)
     p = prompt.shape[0]
     window = jnp.zeros((max_len,), jnp.int32).at[:p].set(prompt)
 
     def body(carry, k):
         window, n = carry
-        logits, _ = model(window[None])
+        logits, _ = nnx.merge(graphdef, params)(window[None])   # merged inside the scan: sow stays in-trace
         last = logits[0, jnp.minimum(n, max_len) - 1]
         token = jax.random.categorical(k, filter_logits(last, temperature=temperature, top_k=top_k, top_p=top_p))
         full = n >= max_len
@@ -54,13 +53,12 @@ def _sample_window(graphdef, params, prompt, key, *, max_len, num_tokens, temper
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "temperature", "top_k", "top_p"))
 def _sample_recurrent(graphdef, params, prompt, key, *, num_tokens, temperature, top_k, top_p):
     """Recurrent sampling: read the prompt once, then carry the state token by token."""
-    model = nnx.merge(graphdef, params)
-    logits, carry = model(prompt[None])
+    logits, carry = nnx.merge(graphdef, params)(prompt[None])
 
     def body(c, k):
         last, carry = c
         token = jax.random.categorical(k, filter_logits(last, temperature=temperature, top_k=top_k, top_p=top_p))
-        logits, carry = model.step(token[None], carry)
+        logits, carry = nnx.merge(graphdef, params).step(token[None], carry)
         return (logits[0], carry), token
 
     _, tokens = jax.lax.scan(body, (logits[0, -1], carry), jax.random.split(key, num_tokens))
