@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""A/B speed levers on one benchmark shape, alternating variants in fresh processes (A B C A B C ...).
+
+Each run is the timing child of `--mode=bench` (``python -m jaxlm.bench measure``: the real train step,
+medians after warm-up) on a fresh compilation cache.  A variant is a name and settings: KEY=VALUE with a
+dot in KEY is a config override, otherwise an environment variable (an empty value unsets it).  Every run
+starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as launch.py gives users, unless a variant sets it.
+
+  python benchmarks/ab.py --shape=gpt_small --rounds=4 \\
+      --variant='base' \\
+      --variant='ynn XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot' \\
+      --variant='tanh model.gelu_approximate=True'
+
+Prints per-round tokens/s and, per variant, the median over rounds of (variant / first variant) in the
+same round: on a shared, noisy machine only such paired ratios mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def parse_variant(spec: str):
+    name, *settings = spec.split()
+    env, overrides = {}, {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        (overrides if "." in key else env)[key] = value
+    return name, env, overrides
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_variant(shape: str, env_changes: dict, overrides: dict, workdir: str) -> dict:
+    """One timing child for `shape` with the variant's config overrides and environment."""
+    from jaxlm import bench, config as config_lib
+    config = bench.shape_config(shape)
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        config[section][leaf] = type(config[section][leaf])(_literal(value))
+    config_lib.validate(config)
+    config_lib.save(config, workdir)
+    env = dict(os.environ, GLIBC_TUNABLES=HUGETLB, PYTHONPATH=ROOT)
+    for key, value in env_changes.items():
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
+    with tempfile.TemporaryDirectory(prefix="jaxlm-ab-cache-") as cache:
+        proc = subprocess.run([sys.executable, "-m", "jaxlm.bench", "measure", workdir, cache],
+                              capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"variant failed: {env_changes} {overrides}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="gpt_small")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--variant", action="append", required=True, help="'NAME [KEY=VALUE ...]' (repeatable)")
+    p.add_argument("--out", default="", help="also write all runs as JSON here")
+    a = p.parse_args()
+    variants = [parse_variant(v) for v in a.variant]
+    runs = {name: [] for name, _, _ in variants}
+    with tempfile.TemporaryDirectory(prefix="jaxlm-ab-") as tmp:
+        for r in range(a.rounds):
+            for name, env, overrides in variants:
+                res = run_variant(a.shape, env, overrides, os.path.join(tmp, name))
+                runs[name].append(res)
+                print(f"round {r + 1} {name:>12}: {res['tokens_per_sec']:9,.0f} tok/s  "
+                      f"{res['step_ms_median']:7.1f} ms  faults/step {res['minor_faults_per_step']:8,.0f}  "
+                      f"other load {res['other_cpu_frac']:.2f}", file=sys.stderr, flush=True)
+    base = variants[0][0]
+    print(f"\n{a.shape}, {a.rounds} rounds (median tokens/s; ratio = median over rounds of variant/{base})\n")
+    print("| variant | settings | tokens/s | step ms | faults/step | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, env, overrides in variants:
+        tps = [x["tokens_per_sec"] for x in runs[name]]
+        ratio = statistics.median(x / y["tokens_per_sec"] for x, y in zip(tps, runs[base]))
+        settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
+        print(f"| {name} | `{settings}` | {statistics.median(tps):,.0f} | "
+              f"{statistics.median(x['step_ms_median'] for x in runs[name]):.1f} | "
+              f"{statistics.median(x['minor_faults_per_step'] for x in runs[name]):,.0f} | {ratio:.3f} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(runs, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
