@@ -1,10 +1,10 @@
-"""What each --mode does: train, eval, sample. Each takes the validated config and a workdir."""
+"""What each --mode does: train, eval, sample, bench. Each takes the validated config and a workdir."""
 
 from __future__ import annotations
 
 import json
 
-from jaxlm import config as config_lib, generate, runs
+from jaxlm import bench, config as config_lib, generate, runs
 from jaxlm.errors import UserError
 from jaxlm.train import loop
 
@@ -53,4 +53,4 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
     return texts
 
 
-MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample}
+MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench.run_bench}
