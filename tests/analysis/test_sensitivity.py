@@ -1,0 +1,115 @@
+"""Gradient sensitivity: closed form on a linear RNN, causality of GPT/RNN/LSTM, two-sidedness of BERT/ELMo."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm import models
+from jaxlm.analysis import sensitivity
+
+VOCAB, LENGTH = 11, 10
+
+
+class LinearRNN(nnx.Module):
+    """h_t = w h_{t-1} + e_t, logits_t = h_t U: d log p(x_{T+1}) / d e_t = w^(T-t) U (onehot - softmax(h_T U))."""
+
+    def __init__(self, w: float, dim: int = 6, *, rngs: nnx.Rngs):
+        self.w = w
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (VOCAB, dim)))
+        self.out = nnx.Param(jax.random.normal(rngs.params(), (dim, VOCAB)))
+
+    def embed(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
+        def step(h, x_t):
+            h = self.w * h + x_t
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros_like(x[:, 0]), jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(hs, 0, 1) @ self.out[...], None
+
+
+def closed_form(model, tokens):
+    """float64 NumPy: S[T, t] = |w|^(T - t) mean_b ||U (onehot(x_{T+1}) - softmax(h_T U))|| for t <= T."""
+    emb, out, w = np.asarray(model.embedding[...], np.float64), np.asarray(model.out[...], np.float64), model.w
+    e = emb[tokens]                                        # [B, L, d]
+    b, length, _ = e.shape
+    s = np.zeros((length - 1, length))
+    for big_t in range(length - 1):
+        h = sum(w ** (big_t - t) * e[:, t] for t in range(big_t + 1))
+        z = h @ out
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        g = (np.eye(VOCAB)[tokens[:, big_t + 1]] - p) @ out.T  # d log p / d h_T, [B, d]
+        gnorm = np.linalg.norm(g, axis=-1).mean()
+        for t in range(big_t + 1):
+            s[big_t, t] = abs(w) ** (big_t - t) * gnorm
+    return s
+
+
+def tokens(batch=5, length=LENGTH, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize("w", [0.7, -0.9])
+def test_linear_rnn_matches_closed_form(w):
+    model = LinearRNN(w, rngs=nnx.Rngs(params=0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = tokens()
+    s = sensitivity.gradient_sensitivity(graphdef, params, x, batch_size=2, target_chunk=3)  # padded last call
+    np.testing.assert_allclose(s, closed_form(model, x), rtol=2e-5, atol=1e-7)
+    d, mean, _ = sensitivity.sensitivity_by_distance(s[-1:], target_positions=[LENGTH - 2])
+    np.testing.assert_allclose(mean / mean[0], np.abs(w) ** d, rtol=2e-5)  # decays as |w|^d
+    ratio = sensitivity.relative_sensitivity(d, mean, reference=1)
+    np.testing.assert_allclose(ratio[d == 3], abs(w) ** 2, rtol=2e-5)
+
+
+def model_cfg(name):
+    c = config_lib.default_config().model
+    c.name, c.num_layers, c.d_model, c.hidden_size, c.num_heads, c.max_len = name, 1, 8, 8, 2, 16
+    return c
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm", "rnn"])
+def test_causal_models_ignore_the_future_exactly(name):
+    graphdef, params = nnx.split(models.build_model(model_cfg(name), VOCAB, 0), nnx.Param)
+    s = sensitivity.gradient_sensitivity(graphdef, params, tokens())
+    assert s.shape == (LENGTH - 1, LENGTH)
+    future = np.triu(np.ones_like(s, bool), k=1)            # t > T
+    assert (s[future] == 0.0).all()
+    assert (s[~future] > 0.0).all()
+    d, mean, std = sensitivity.sensitivity_by_distance(s)
+    np.testing.assert_array_equal(d, np.arange(LENGTH - 1))
+    assert (std >= 0).all() and np.isclose(mean[0], np.mean(np.diag(s)))
+
+
+def test_bert_sees_both_sides():
+    graphdef, params = nnx.split(models.build_model(model_cfg("bert"), VOCAB, 0), nnx.Param)
+    s = sensitivity.gradient_sensitivity(graphdef, params, tokens(), mask_id=VOCAB - 1, target_positions=[2, 5])
+    assert s.shape == (2, LENGTH)
+    assert (s > 0).all()                                     # left, right and the [MASK] itself
+    d, _, _ = sensitivity.sensitivity_by_distance(s, target_positions=[2, 5], bidirectional=True)
+    assert d.min() == 2 - (LENGTH - 1) and d.max() == 5
+    with pytest.raises(ValueError, match="mask_id"):
+        sensitivity.gradient_sensitivity(graphdef, params, tokens())
+
+
+def test_elmo_directions():
+    graphdef, params = nnx.split(models.build_model(model_cfg("elmo"), VOCAB, 0), nnx.Param)
+    x = tokens()
+    both = sensitivity.gradient_sensitivity(graphdef, params, x)
+    fwd = sensitivity.gradient_sensitivity(graphdef, params, x, direction="forward",
+                                           target_positions=np.arange(1, LENGTH))
+    assert both.shape == (LENGTH, LENGTH)
+    assert (np.diag(both) == 0).all()                        # neither direction sees the predicted token
+    for p in range(1, LENGTH):
+        row = fwd[p - 1]
+        assert (row[p:] == 0).all() and (row[:p] > 0).all()  # forward: strictly the left context
+        # "both" differentiates log p_fwd + log p_bwd; the backward term lives strictly on the right
+        np.testing.assert_allclose(both[p, :p], row[:p], rtol=1e-5)
+        assert (both[p, p + 1:] > 0).all()
+    assert (both[0, 1:] > 0).all() and (both[0, :1] == 0).all()
