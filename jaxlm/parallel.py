@@ -30,7 +30,7 @@ class DataParallel:
             self.sharded = NamedSharding(self.mesh, P("data"))
             self._train_step, self._eval_step = train_step, eval_step
             self._train = None   # jitted on first use, when the state's sharding tree is known
-            self._eval = jax.jit(eval_step, out_shardings=self.replicated)
+            self._eval = jax.jit(eval_step)
 
     @property
     def num_devices(self) -> int:
@@ -87,9 +87,19 @@ class DataParallel:
         state, metrics = self._train(state, batch)
         return state, (jax.tree.map(lambda m: m[0], metrics) if self.strategy == "pmap" else metrics)
 
-    def eval_step(self, state, batch):
-        sums = self._eval(state.params, batch)
-        return jax.tree.map(lambda m: m[0], sums) if self.strategy == "pmap" else sums
+    def eval_step(self, state, batch, carry=None):
+        """(sums, new_carry); carry is laid out like state.carry (use `place_carry` for a fresh one)."""
+        sums, carry = self._eval(state.params, batch, carry)
+        return (jax.tree.map(lambda m: m[0], sums) if self.strategy == "pmap" else sums), carry
+
+    def place_carry(self, carry):
+        """A host carry [batch, ...] laid out for the wrapped steps (rows follow the batch rows)."""
+        if carry is None:
+            return None
+        if self.strategy == "pmap":
+            n = len(self.local_devices)
+            return jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *x.shape[1:]), carry)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), carry)
 
     def params(self, state):
         """The parameters as host numpy (for sampling and analysis)."""

@@ -62,9 +62,18 @@ class Dataset:
             return {"tokens": batching.stream_windows(self.train_tokens, **kwargs)}
         return {"tokens": batching.random_windows(self.train_tokens, seed=self.seed, **kwargs)}
 
-    def eval_batches(self, batch_size: int, num_batches: int, *, process_index: int = 0,
+    def eval_batches(self, batch_size: int, num_batches: int, *, stateful: bool = False, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:
-        """``num_batches`` evaluation batches, evenly spread over the valid split, identical on every call."""
+        """``num_batches`` evaluation batches, identical on every call.
+
+        ``stateful=False``: windows evenly spread over the valid split. ``stateful=True``: consecutive windows
+        of ``batch_size`` contiguous valid streams, so a recurrent model can carry its state across batches.
+        """
+        if stateful:
+            return [{"tokens": batching.stream_windows(self.valid_tokens, step=k, batch_size=batch_size,
+                                                       length=self.seq_len + 1, process_index=process_index,
+                                                       process_count=process_count, split="valid")}
+                    for k in range(num_batches)]
         windows = batching.eval_windows(self.valid_tokens, batch_size=batch_size, num_batches=num_batches,
                                         length=self.seq_len + 1, process_index=process_index,
                                         process_count=process_count, split="valid")

@@ -41,6 +41,7 @@ class Run:
     start_step: int
     flops_per_token: float
     num_params: int
+    model_initial_carry: object = None   # batch_size -> zero recurrent state (stateful runs)
 
 
 def setup(config, workdir: str, *, restart: bool = False, for_training: bool = True) -> Run:
@@ -75,7 +76,8 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     flops = models.FLOPS_PER_TOKEN[config.model.name](config.model, dataset.tokenizer.vocab_size, config.data.seq_len)
     return Run(config=config, workdir=workdir, dataset=dataset, graphdef=graphdef, spec=spec, dp=dp,
                checkpointer=checkpointer, writer=writer, state=dp.place_state(host_state), start_step=int(start_step),
-               flops_per_token=flops, num_params=models.count_params(params))
+               flops_per_token=flops, num_params=models.count_params(params),
+               model_initial_carry=lambda b: jax.tree.map(np.asarray, model.initial_carry(b)))
 
 
 def _set_aside_previous_run(workdir: str) -> None:
@@ -219,10 +221,15 @@ def _save(run: Run, step: int) -> None:
 
 def evaluate(run: Run, step: int, *, write: bool = True) -> dict:
     """Mean objective over the fixed validation batches; writes eval/* scalars and a text sample."""
-    totals = None
+    totals, carry = None, None
+    stateful = run.config.train.stateful
+    if stateful:   # evaluate over contiguous valid streams, carrying the state from a zero start
+        carry = run.dp.place_carry(run.model_initial_carry(run.config.train.batch_size // jax.process_count()))
     for batch in run.dataset.eval_batches(run.config.train.batch_size, run.config.train.eval_batches,
-                                          process_index=jax.process_index(), process_count=jax.process_count()):
-        sums = jax.device_get(run.dp.eval_step(run.state, run.dp.place_batch(batch)))
+                                          stateful=stateful, process_index=jax.process_index(),
+                                          process_count=jax.process_count()):
+        sums, carry = run.dp.eval_step(run.state, run.dp.place_batch(batch), carry)
+        sums = jax.device_get(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     summary = {k.replace("train/", "eval/"): float(v) for k, v in step_lib.summarize(totals).items()}
     loss = summary["eval/loss"]

@@ -148,10 +148,14 @@ def summarize(sums: dict, prefix: str = "train") -> dict:
     return out
 
 
-def eval_step(params, batch, *, spec: StepSpec):
-    """Objective sums on one batch without dropout (masked-LM masking from a fixed key: same every eval)."""
-    sums, _ = objective_sums(spec, params, batch, None, mask_key=jax.random.key(1234))
-    return _psum(sums, spec.axis_name)
+def eval_step(params, batch, carry, *, spec: StepSpec):
+    """Objective sums on one batch without dropout (masked-LM masking from a fixed key: same every eval).
+
+    carry: the recurrent state from the previous eval batch (stateful evaluation over valid streams) or None.
+    Returns (sums, new_carry).
+    """
+    sums, carry = objective_sums(spec, params, batch, carry if spec.stateful else None, mask_key=jax.random.key(1234))
+    return _psum(sums, spec.axis_name), (carry if spec.stateful else None)
 
 
 def bind(spec: StepSpec) -> tuple[Callable, Callable]:
