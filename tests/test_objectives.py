@@ -36,6 +36,23 @@ def test_causal_lm_loss_matches_numpy_with_weights():
         np.testing.assert_allclose(float(g), w, rtol=1e-5)
 
 
+def test_causal_lm_loss_gradient_is_softmax_minus_onehot():
+    logits, targets, weights = random_case(5)
+    grad = jax.grad(lambda x: objectives.causal_lm_loss(x, jnp.asarray(targets), jnp.asarray(weights))[0])(
+        jnp.asarray(logits))
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = (p - np.eye(x.shape[-1])[targets]) * weights[..., None]
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
+def test_accuracy_counts_argmax_hits():
+    logits = jnp.array([[[0.0, 2.0, 1.0], [3.0, 0.0, -1.0], [0.0, 0.0, 5.0]]])
+    _, count, correct = objectives.causal_lm_loss(logits, jnp.array([[1, 1, 2]]), jnp.array([[1.0, 1.0, 0.5]]))
+    assert float(count) == 2.5 and float(correct) == 1.5
+
+
 def test_causal_lm_loss_bfloat16_logits_upcast():
     logits, targets, weights = random_case(1)
     lb = jnp.asarray(logits, jnp.bfloat16)
