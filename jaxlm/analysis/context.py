@@ -1,0 +1,172 @@
+"""Context ablation: how much of its context a trained model uses (Khandelwal et al. 2018, "Sharp Nearby,
+Fuzzy Far Away: How Neural Language Models Use Context").
+
+Each window w [L + 1] gives one target, its LAST token w[L], and a context of L tokens w[:L].  For each
+distance d, the context FARTHER than d tokens from the target (w[:L - d]) is perturbed and the loss
+-log p(w[L] | perturbed context) is measured:
+
+- ``drop``: the far context is removed; the model reads only the last d tokens (transformers: a truncated
+  input; recurrent models: run from the zero state on the last d tokens, which is the same computation).
+- ``shuffle``: the far tokens are permuted (independently in each window): word order beyond d destroyed,
+  word identity kept.
+- ``random``: the far tokens are replaced by tokens drawn uniformly from the non-special vocabulary.
+
+A distance d >= L perturbs nothing, so its loss IS the full-context loss (computed identically, bit for bit).
+How the target is predicted: causal models (rnn, lstm, gpt) from the output at the last context position;
+bert from a [MASK] appended after the context (so the input is L + 1 tokens: pass windows that fit
+model.max_len); elmo from its forward direction (the backward one has nothing to the right of the target).
+
+:func:`effective_context` is the smallest d whose loss is within a relative tolerance of the BEST loss over
+all d: an undertrained model can be worse with its full context than with a shorter one, so "within 1% of
+full context" would be the wrong reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.analysis import apply
+
+MODES = ("drop", "shuffle", "random")
+
+
+def distance_grid(length: int, *, start: int = 1) -> list[int]:
+    """Powers of two from ``start`` up to and including ``length`` (a log grid for the ablation curves)."""
+    grid, d = [], max(1, start)
+    while d < length:
+        grid.append(d)
+        d *= 2
+    return grid + [length]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "mask_id"))
+def _losses(graphdef, params, contexts, targets, *, kind, mask_id):
+    """-log p(target | context) [B] for contexts int [B, c] (target predicted after the last context token)."""
+    model = nnx.merge(graphdef, params)
+    if kind == "masked":
+        contexts = jnp.concatenate([contexts, jnp.full((contexts.shape[0], 1), mask_id, contexts.dtype)], axis=1)
+    out = apply.predicting_logits(apply.logits(model, contexts), kind)
+    logp = jax.nn.log_softmax(out[:, -1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+
+
+def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id: int | None = None,
+                      batch_size: int = 256) -> np.ndarray:
+    """Per-window loss [N] (float64) of predicting ``targets`` [N] after ``contexts`` [N, c], in fixed-size calls."""
+    contexts, targets = np.asarray(contexts, np.int32), np.asarray(targets, np.int32)
+    num = len(contexts)
+    batch_size = min(batch_size, num)
+    fn = functools.partial(_losses, graphdef, kind=kind, mask_id=None if mask_id is None else int(mask_id))
+    out = []
+    for start in range(0, num, batch_size):
+        c, t = contexts[start:start + batch_size], targets[start:start + batch_size]
+        real = len(c)
+        if real < batch_size:  # same shape as the other calls: no recompilation
+            c = np.concatenate([c, np.repeat(c[:1], batch_size - real, axis=0)])
+            t = np.concatenate([t, np.repeat(t[:1], batch_size - real)])
+        out.append(np.asarray(fn(params, jnp.asarray(c), jnp.asarray(t)))[:real])
+    return np.concatenate(out).astype(np.float64)
+
+
+def perturb(contexts: np.ndarray, distance: int, mode: str, rng: np.random.Generator, *,
+            replacement_ids: np.ndarray | None = None) -> np.ndarray:
+    """The contexts [N, L] with everything farther than ``distance`` from the target dropped/shuffled/randomised.
+
+    ``drop`` returns [N, min(distance, L)]; the other modes keep the shape.  distance >= L returns the input.
+    """
+    length = contexts.shape[1]
+    if distance >= length:
+        return contexts
+    far, near = contexts[:, :length - distance], contexts[:, length - distance:]
+    if mode == "drop":
+        return near
+    if mode == "shuffle":
+        far = rng.permuted(far, axis=1)
+    elif mode == "random":
+        far = rng.choice(replacement_ids, size=far.shape).astype(contexts.dtype)
+    else:
+        raise ValueError(f"mode={mode!r}; choose from {', '.join(MODES)}")
+    return np.concatenate([far, near], axis=1)
+
+
+def context_ablation_losses(graphdef, params, windows, *, distances, mode: str = "drop", objective: str | None = None,
+                            tokenizer=None, vocab_size: int | None = None, special_ids=(), mask_id: int | None = None,
+                            batch_size: int = 256, seed: int = 0) -> dict[int, np.ndarray]:
+    """Per-window losses {d: float64 [N]} (same windows for every d, so differences between d are paired)."""
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [N, L + 1] with L >= 1, got shape {windows.shape}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose from {', '.join(MODES)}")
+    if any(int(d) < 1 for d in distances):
+        raise ValueError(f"distances must be >= 1 (a prediction needs some context), got {list(distances)}")
+    if tokenizer is not None:
+        vocab_size, special_ids, mask_id = tokenizer.vocab_size, tokenizer.special_ids, tokenizer.mask_id
+    kind = apply.kind_of(graphdef, params, objective)
+    if kind == "masked" and mask_id is None:
+        raise ValueError("a masked model needs mask_id (or tokenizer) to mask the target")
+    replacement_ids = None
+    if mode == "random":
+        if vocab_size is None:
+            raise ValueError("mode='random' needs vocab_size (or tokenizer) to draw replacement tokens")
+        replacement_ids = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, np.int64))
+    contexts, targets = windows[:, :-1], windows[:, -1]
+    length = contexts.shape[1]
+    cache: dict[int, np.ndarray] = {}
+    results = {}
+    for d in distances:
+        key = min(int(d), length)  # every d >= L is the unperturbed full context: computed once
+        if key not in cache:
+            rng = np.random.default_rng([seed, key])
+            perturbed = perturb(contexts, key, mode, rng, replacement_ids=replacement_ids)
+            cache[key] = last_token_losses(graphdef, params, perturbed, targets, kind=kind, mask_id=mask_id,
+                                           batch_size=batch_size)
+        results[int(d)] = cache[key]
+    return results
+
+
+def summarize(losses: dict[int, np.ndarray]) -> dict[int, tuple[float, float]]:
+    """{d: per-window losses} -> {d: (mean, standard error of the mean)}."""
+    out = {}
+    for d, v in losses.items():
+        stderr = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+        out[int(d)] = (float(np.mean(v)), stderr)
+    return out
+
+
+def context_ablation(graphdef, params, windows, *, distances, mode: str = "drop", objective: str | None = None,
+                     tokenizer=None, vocab_size: int | None = None, special_ids=(), mask_id: int | None = None,
+                     batch_size: int = 256, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Loss at the last token of each window with the context beyond d perturbed: {d: (mean loss, stderr)}.
+
+    Args:
+      graphdef, params: the model; objective overrides the kind inferred from it ("causal_lm", ...).
+      windows: int [N, L + 1] (e.g. validation windows); the last token of each is the target.
+      distances: ints >= 1 (see :func:`distance_grid`); every d >= L gives the full-context loss.
+      mode: "drop" | "shuffle" | "random" (module doc).
+      tokenizer: supplies vocab_size, special_ids and mask_id (or pass them): "random" draws from the
+        non-special ids; bert needs mask_id.
+      batch_size: windows per device call; seed: the shuffles and random replacements.
+    Returns:
+      {d: (mean loss in nats, standard error over windows)}.
+    """
+    return summarize(context_ablation_losses(
+        graphdef, params, windows, distances=distances, mode=mode, objective=objective, tokenizer=tokenizer,
+        vocab_size=vocab_size, special_ids=special_ids, mask_id=mask_id, batch_size=batch_size, seed=seed))
+
+
+def effective_context(results: dict, tolerance: float = 0.01) -> int:
+    """Smallest d whose mean loss <= (1 + tolerance) * the best mean loss over ALL d in ``results``.
+
+    ``results`` maps d -> (mean, stderr) (as from :func:`context_ablation`) or d -> mean.
+    """
+    if not results:
+        raise ValueError("no ablation results")
+    means = {int(d): float(v[0] if isinstance(v, (tuple, list)) else v) for d, v in results.items()}
+    best = min(means.values())
+    return min(d for d, m in means.items() if m <= best * (1.0 + tolerance))

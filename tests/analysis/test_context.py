@@ -1,0 +1,113 @@
+"""Context ablation: d >= L is exactly the full-context loss; drop = truncation; perturbations touch only the far part."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import config as config_lib
+from jaxlm import models
+from jaxlm.analysis import context
+
+VOCAB, L = 13, 12
+SPECIALS = (11, 12)   # pretend the last two ids are special; 12 is [MASK]
+
+
+def build(name):
+    c = config_lib.default_config().model
+    c.name, c.num_layers, c.d_model, c.hidden_size, c.num_heads, c.max_len = name, 1, 8, 8, 2, 16
+    return nnx.split(models.build_model(c, VOCAB, 0), nnx.Param)
+
+
+def windows(n=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 11, (n, L + 1)).astype(np.int32)
+
+
+def direct_losses(graphdef, params, contexts, targets, kind):
+    """Independent reference: one plain forward pass, -log softmax at the last position."""
+    model = nnx.merge(graphdef, params)
+    if kind == "masked":
+        contexts = np.concatenate([contexts, np.full((len(contexts), 1), 12, np.int32)], axis=1)
+    out, _ = model(jnp.asarray(contexts))
+    if kind == "bidirectional":
+        out = out[0]
+    logp = np.asarray(jax.nn.log_softmax(out[:, -1]), np.float64)
+    return -logp[np.arange(len(targets)), targets]
+
+
+@pytest.mark.parametrize("name,kind", [("gpt", "causal"), ("lstm", "causal"), ("bert", "masked"),
+                                       ("elmo", "bidirectional")])
+def test_full_distance_is_the_full_context_loss(name, kind):
+    graphdef, params = build(name)
+    w = windows()
+    ref = direct_losses(graphdef, params, w[:, :-1], w[:, -1], kind)
+    results = {}
+    for mode in context.MODES:
+        results[mode] = context.context_ablation(graphdef, params, w, distances=[3, L, 2 * L], mode=mode,
+                                                 vocab_size=VOCAB, special_ids=SPECIALS, mask_id=12, batch_size=16)
+        assert results[mode][L] == results[mode][2 * L]            # bit for bit
+        assert results[mode][L] == results["drop"][L]              # every mode leaves d >= L untouched
+    mean, stderr = results["drop"][L]
+    np.testing.assert_allclose(mean, ref.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stderr, ref.std(ddof=1) / np.sqrt(len(ref)), rtol=1e-5)
+    # a short context is a different (here: untrained, so merely different) loss
+    assert results["drop"][3][0] != mean
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_drop_is_running_on_the_last_d_tokens(name):
+    graphdef, params = build(name)
+    w = windows()
+    losses = context.context_ablation_losses(graphdef, params, w, distances=[1, 5], mode="drop", batch_size=32)
+    for d in (1, 5):
+        ref = direct_losses(graphdef, params, w[:, L - d:L], w[:, -1], "causal")
+        np.testing.assert_allclose(losses[d], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_perturbations_touch_only_the_far_context():
+    rng = np.random.default_rng(0)
+    c = windows(200)[:, :-1]
+    d = 4
+    shuffled = context.perturb(c, d, "shuffle", rng)
+    np.testing.assert_array_equal(shuffled[:, -d:], c[:, -d:])
+    np.testing.assert_array_equal(np.sort(shuffled[:, :-d], axis=1), np.sort(c[:, :-d], axis=1))
+    assert (shuffled[:, :-d] != c[:, :-d]).mean() > 0.5
+    allowed = np.arange(5)
+    randomized = context.perturb(c, d, "random", rng, replacement_ids=allowed)
+    np.testing.assert_array_equal(randomized[:, -d:], c[:, -d:])
+    assert np.isin(randomized[:, :-d], allowed).all()
+    assert context.perturb(c, d, "drop", rng).shape == (200, d)
+    assert context.perturb(c, L, "shuffle", rng) is c
+
+
+def test_random_never_draws_special_tokens():
+    graphdef, params = build("gpt")
+    w = windows(8)
+    # only the far part differs between distances: with all ids but one special, "random" fills it with that id
+    specials = tuple(range(1, VOCAB))
+    out = context.context_ablation_losses(graphdef, params, w, distances=[2], mode="random",
+                                          vocab_size=VOCAB, special_ids=specials)
+    filled = w.copy()
+    filled[:, :L - 2] = 0
+    ref = direct_losses(graphdef, params, filled[:, :-1], filled[:, -1], "causal")
+    np.testing.assert_allclose(out[2], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_effective_context_is_measured_against_the_best_loss():
+    results = {1: (3.0, 0.1), 2: (2.5, 0.1), 4: (2.015, 0.1), 8: (2.0, 0.1), 16: (2.1, 0.1)}
+    assert context.effective_context(results, 0.01) == 4          # full context (16) is worse than 8
+    assert context.effective_context(results, 0.0) == 8
+    assert context.effective_context({k: v[0] for k, v in results.items()}, 0.3) == 2
+    assert context.distance_grid(12) == [1, 2, 4, 8, 12]
+    assert context.distance_grid(16) == [1, 2, 4, 8, 16]
+
+
+def test_bad_arguments():
+    graphdef, params = build("gpt")
+    with pytest.raises(ValueError, match="mode"):
+        context.context_ablation(graphdef, params, windows(4), distances=[1], mode="blur")
+    with pytest.raises(ValueError, match=">= 1"):
+        context.context_ablation(graphdef, params, windows(4), distances=[0])
+    with pytest.raises(ValueError, match="vocab_size"):
+        context.context_ablation(graphdef, params, windows(4), distances=[1], mode="random")
