@@ -1,0 +1,126 @@
+"""--mode=bench: FLOP counts against closed forms, the report's fields, and the allocator re-exec (no timing asserts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import bench, config as config_lib, models
+from jaxlm.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_matmul_flops_counts_scan_bodies_length_times_and_the_larger_cond_branch():
+    t, b, h = 7, 3, 5
+    w, xs = jnp.ones((h, h)), jnp.ones((t, b, h))
+
+    def f(w, xs, pred):
+        def body(carry, x):
+            return jnp.tanh(x + carry @ w), None
+        last, _ = jax.lax.scan(body, jnp.zeros((b, h)), xs)
+        return jax.lax.cond(pred, lambda v: (v @ w) @ w, lambda v: v @ w, last).sum()
+
+    one = 2 * b * h * h   # one [b, h] @ [h, h]
+    assert bench.matmul_flops(jax.make_jaxpr(f)(w, xs, True)) == (t + 2) * one
+    assert bench.matmul_flops(jax.make_jaxpr(f)(w, xs, False)) == (t + 2) * one   # static count: the larger branch
+    # reverse mode: each forward matmul adds two (d input, d weight)
+    assert bench.matmul_flops(jax.make_jaxpr(jax.grad(lambda w: f(w, xs, True)))(w)) == 3 * (t + 2) * one
+
+
+def _step_flops(shape, seq_len=32, batch=2):
+    config = bench.shape_config(shape)
+    config.data.seq_len, config.train.batch_size = seq_len, batch
+    tokenizer = bench.bench_tokenizer(config, None)
+    dp, state, spec, _ = bench.build_step(config, tokenizer)
+    tokens = dp.place_batch({"tokens": np.zeros((batch, seq_len + 1), np.int32)})
+    train_fn = step_lib.bind(spec)[0]
+    formula = models.FLOPS_PER_TOKEN[config.model.name](config.model, tokenizer.vocab_size, seq_len)
+    jaxpr = bench.matmul_flops(jax.make_jaxpr(train_fn)(state, tokens)) / (batch * seq_len)
+    return config, formula, jaxpr, train_fn, state, tokens
+
+
+def test_lstm_step_matmul_flops_equal_the_formula_custom_vjp_backward_included():
+    _, formula, jaxpr, *_ = _step_flops("lstm_tiny")
+    assert jaxpr == pytest.approx(formula, rel=1e-9)
+
+
+def test_gpt_step_flops_xla_cost_analysis_within_20_percent_of_formula_and_jaxpr_exact():
+    config, formula, jaxpr, train_fn, state, tokens = _step_flops("gpt_tiny", seq_len=128)
+    m = config.model
+    # the formula counts the causal half of the attention scores (6*L*T*d); the step computes all of them
+    assert jaxpr == pytest.approx(formula + 6 * m.num_layers * 128 * m.d_model, rel=1e-9)
+    cost = jax.jit(train_fn).lower(state, tokens).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] / (2 * 128)   # batch 2 x 128 tokens
+    assert formula <= xla <= 1.2 * formula, (xla, formula)
+
+
+def test_shapes_validate_and_match_the_torch_reference_widths():
+    for name in bench.SHAPES:
+        config = bench.shape_config(name)
+        config_lib.validate(config)
+        assert config.train.batch_size == 16 and config.model.num_layers in (2, 4)
+    assert bench.bench_tokenizer(bench.shape_config("gpt_small_v8192"), None).vocab_size == 8192
+    with pytest.raises(Exception, match="unknown benchmark shape"):
+        bench.shape_config("gpt_huge")
+
+
+def _launch(args, env=None, timeout=600):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXLM_NO_REEXEC")}
+    full_env.update(JAX_PLATFORMS="cpu", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=full_env, timeout=timeout)
+
+
+@pytest.mark.parametrize("extra, env, expect_hugetlb", [
+    ([], {}, True), (["--nohugepages"], {}, False), (["--hugepages=false"], {}, False),
+    ([], {"JAXLM_NO_REEXEC": "1"}, False)])
+def test_launch_reexecs_with_hugetlb_malloc_unless_opted_out_and_keeps_exit_codes(tmp_path, extra, env,
+                                                                                  expect_hugetlb):
+    probe = tmp_path / "probe.py"   # a config file runs inside the launched process: report what it sees
+    probe.write_text("import os, sys\nfrom jaxlm.config import default_config\n"
+                     "def get_config():\n"
+                     "    print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''), file=sys.stderr)\n"
+                     "    return default_config()\n")
+    r = _launch([f"--config={probe}", "--mode=eval", *extra], env=env)   # eval without --workdir: exit 2
+    assert r.returncode == 2, r.stderr
+    assert "needs --workdir" in r.stderr
+    tunables = [line for line in r.stderr.splitlines() if line.startswith("TUNABLES=")]
+    assert len(tunables) == 1   # parsed once: after the exec only
+    assert ("glibc.malloc.hugetlb=1" in tunables[0]) == expect_hugetlb
+
+
+def test_bench_mode_writes_every_field_and_the_table(tmp_path):
+    workdir = tmp_path / "bench"
+    r = _launch(["--mode=bench", f"--config={ROOT}/benchmarks/shapes.py:gpt_tiny", f"--workdir={workdir}",
+                 "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+                 "--config.model.max_len=16", "--config.data.seq_len=16", "--config.train.batch_size=2"],
+                env={"JAXLM_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "| model | params |" in r.stdout and "| gpt_1x32 |" in r.stdout
+    report = json.loads((workdir / "bench.json").read_text())
+    assert "glibc.malloc.hugetlb=1" in report["machine"]["GLIBC_TUNABLES"]
+    assert set(report["peak_flops"]) == {"float32", "bfloat16"} and min(report["peak_flops"].values()) > 0
+    (m,) = report["models"]
+    for key in ("params", "flops_per_token", "flops_per_token_xla", "flops_per_token_jaxpr", "tokens_per_sec",
+                "step_ms_median", "steps_timed", "peak_rss_mb", "minor_faults_per_step", "mfu", "first_loss",
+                "last_loss", "other_cpu_frac"):
+        assert np.isfinite(m[key]) and m[key] >= 0, key
+    for which in ("compile_cold", "compile_cached"):
+        for key in ("first_step_s", "trace_s", "lower_s", "xla_compile_s", "compile_s"):
+            assert m[which][key] >= 0, (which, key)
+    assert m["config"]["vocab_size"] == 262 and m["config"]["seq_len"] == 16
+    assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token"] / report["peak_flops"]["float32"])
+    assert abs(m["first_loss"] - np.log(262)) < 0.5   # random tokens: the untrained model is near uniform
+
+
+def test_vs_torch_skips_cleanly_without_the_peer_scripts(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vs_torch.py"),
+                        f"--torch_bench_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Skipping" in r.stdout
