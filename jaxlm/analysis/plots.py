@@ -14,7 +14,7 @@ import io
 import os
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import colors, ticker
 from matplotlib.figure import Figure
 
 DPI = 100
@@ -105,6 +105,8 @@ def sensitivity_heatmap(sensitivity, *, target_positions=None, tokens=None, log:
     fig.colorbar(image, ax=ax, label="||d log p(x_T) / d e_t||")
     ax.set_xlabel("input position t")
     ax.set_ylabel("output position T")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     if tokens is not None and len(tokens) <= 64:
         ax.set_xticks(np.arange(len(tokens)), labels=list(tokens), fontsize=6, rotation=90)
     ax.set_title(title)
