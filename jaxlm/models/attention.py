@@ -84,10 +84,14 @@ class MultiHeadAttention(nnx.Module):
                                  init=layers.residual_init(num_layers))
 
     def project(self, x: jax.Array):
-        """x [B, T, d] -> (q, k, v), each [B, T, H, Dh], from ONE matmul."""
+        """x [B, T, d] -> (q, k, v), each [B, T, H, Dh], from ONE matmul.
+
+        `jnp.split` rather than indexing: the gradient of a split is one concatenate, whereas each
+        index's gradient is a zero-padded full-size copy of dqkv that then has to be summed.
+        """
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        heads = (b, t, self.num_heads, d // self.num_heads)
+        return tuple(a.reshape(heads) for a in jnp.split(self.qkv(x), 3, axis=-1))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """x [B, T, d], mask bool [B, T] (True = real) or None -> [B, T, d]."""

@@ -98,6 +98,18 @@ def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, init=N
                       kernel_init=init or normal_init(), bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU (Hendrycks & Gimpel 2016): x * Phi(x), exact (erf) or the tanh approximation.
+
+    The exact form is written as 0.5 * x * (1 + erf(x / sqrt 2)), as PyTorch does, rather than
+    jax.nn.gelu's erfc form: XLA:CPU evaluates erfc as two branches plus a select (about 1.5x the cost
+    of erf forward+backward here) and the difference is < 2e-6 absolute on [-10, 10].
+    """
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 class MlpBlock(nnx.Module):
     """Position-wise feed-forward: Linear(d -> hidden), GELU, Linear(hidden -> d).
 
@@ -114,4 +126,4 @@ class MlpBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, d] -> [B, T, d]."""
-        return self.proj(jax.nn.gelu(self.fc(x), approximate=self.gelu_approximate))
+        return self.proj(gelu(self.fc(x), self.gelu_approximate))

@@ -87,7 +87,7 @@ class Transformer(nnx.Module):
     def _output(self, h) -> jax.Array:
         h = self.ln_f(h)
         if self.mlm_head:
-            h = self.head_ln(jax.nn.gelu(self.head_dense(h), approximate=self.gelu_approximate))
+            h = self.head_ln(layers.gelu(self.head_dense(h), self.gelu_approximate))
         logits = self.token_embed.attend(h).astype(jnp.float32)
         if self.mlm_head:
             logits = logits + self.output_bias[...]

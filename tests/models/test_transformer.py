@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import config, objectives
-from jaxlm.models import transformer
+from jaxlm.models import layers, transformer
 
 VOCAB = 262                      # 256 bytes + 6 specials, like the bytes tokenizer
 SPECIALS = tuple(range(256, 262))
@@ -248,6 +248,24 @@ def test_tiny_bert_overfits_masked_text():
         params, opt_state, loss = step(params, opt_state, jax.random.key(i))
     accuracy = np.mean([float(jax.jit(loss_fn)(params, jax.random.key(10_000 + i))[1]) for i in range(8)])
     assert accuracy > 0.9, (float(loss), accuracy)
+
+
+def test_dropout_helper():
+    x = jnp.ones((200, 500))
+    y = np.asarray(layers.dropout(x, 0.25, jax.random.key(0)))
+    kept = y != 0
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    n, p = kept.size, 0.75
+    assert abs(kept.sum() - n * p) < 4 * np.sqrt(n * p * (1 - p))
+    assert layers.dropout(x, 0.25, None) is x and layers.dropout(x, 0.0, jax.random.key(0)) is x
+
+
+def test_gelu_matches_float64_reference():
+    xs = np.linspace(-8, 8, 4001)
+    exact = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in xs])
+    np.testing.assert_allclose(layers.gelu(jnp.asarray(xs, jnp.float32), False), exact, atol=2e-6)
+    tanh = 0.5 * xs * (1 + np.tanh(math.sqrt(2 / math.pi) * (xs + 0.044715 * xs ** 3)))
+    np.testing.assert_allclose(layers.gelu(jnp.asarray(xs, jnp.float32), True), tanh, atol=2e-6)
 
 
 # ---------------------------------------------------------------- FLOPs
