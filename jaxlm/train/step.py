@@ -122,7 +122,7 @@ def train_step(state, batch, *, spec: StepSpec):
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = sums["loss"] / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if spec.skip_nonfinite:      # keep the old parameters and optimizer state; count the skip
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -132,7 +132,7 @@ def train_step(state, batch, *, spec: StepSpec):
     else:
         new_carry = state.carry
     metrics = summarize(sums)
-    metrics.update({"train/grad_norm": grad_norm, "train/param_norm": optax.global_norm(params),
+    metrics.update({"train/grad_norm": grad_norm, "train/param_norm": optax.tree.norm(params),
                     "train/nonfinite": 1.0 - finite.astype(jnp.float32)})
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=new_carry)
     return new_state, metrics
