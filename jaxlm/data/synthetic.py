@@ -368,14 +368,18 @@ class SyntheticDataset:
     def train_batch(self, step: int, batch_size: int, *, stateful: bool = False, process_index: int = 0,
                     process_count: int = 1) -> dict:
         """This process's rows of training batch ``step``: {"tokens": int32 [B_local, seq_len + 1], "weights"}."""
+        self._refuse_stateful(stateful)
+        return self._batch(self._train_entropy(step), batch_size, process_index, process_count)
+
+    def _refuse_stateful(self, stateful: bool) -> None:
         if stateful:
             raise UserError(f"invalid train.stateful=True with data.source=synthetic:{self.task}: synthetic "
                             f"examples are independent windows, not streams; set train.stateful=False")
-        return self._batch(self._train_entropy(step), batch_size, process_index, process_count)
 
-    def eval_batches(self, batch_size: int, num_batches: int, *, process_index: int = 0,
+    def eval_batches(self, batch_size: int, num_batches: int, *, stateful: bool = False, process_index: int = 0,
                      process_count: int = 1) -> list[dict]:
         """``num_batches`` held-out batches (a stream independent of the training one and of the seed)."""
+        self._refuse_stateful(stateful)
         return [self._batch(self._eval_entropy(i), batch_size, process_index, process_count)
                 for i in range(num_batches)]
 

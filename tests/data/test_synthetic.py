@@ -145,6 +145,8 @@ def test_seq_len_too_short_names_both_keys():
         data.build_dataset(make_config("nosuchtask"), None)
     with pytest.raises(UserError, match=r"train\.stateful"):
         data.build_dataset(make_config("recall"), None).train_batch(0, 4, stateful=True)
+    with pytest.raises(UserError, match=r"train\.stateful"):
+        data.build_dataset(make_config("recall"), None).eval_batches(4, 1, stateful=True)
 
 
 def test_tokenizer_contract():
