@@ -98,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.strategy = "jit"      # jit (mesh + NamedSharding) | pmap (legacy)
+    c.parallel.fsdp = 1              # jit: split params + optimizer state over this many devices (must divide them)
     return c
 
 
@@ -135,6 +136,11 @@ def validate(config) -> None:
         _fail("model.dtype", m.dtype, f"choose from {', '.join(DTYPES)}")
     if config.parallel.strategy not in STRATEGIES:
         _fail("parallel.strategy", config.parallel.strategy, f"choose from {', '.join(STRATEGIES)}")
+    fsdp = config.parallel.fsdp
+    if not isinstance(fsdp, int) or isinstance(fsdp, bool) or fsdp < 1:
+        _fail("parallel.fsdp", fsdp, "must be a positive integer dividing the number of devices")
+    if fsdp > 1 and config.parallel.strategy != "jit":
+        _fail("parallel.fsdp", fsdp, "fsdp > 1 needs parallel.strategy='jit'")
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"choose from {', '.join(SCHEDULES)}")
     if m.lstm_init not in LSTM_INITS:
