@@ -32,8 +32,11 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
     """Continue `prompt` with the trained causal model; with top_next=K print the K likeliest next tokens."""
     trained = runs.load(workdir)
     name = trained.config.model.name
+    if name == "bert":
+        return _fill_mask(trained, prompt, top_next or 5)
     if config_lib.objective_name(trained.config) != "causal_lm":
-        raise UserError(f"--mode=sample needs a causal model (gpt, lstm, rnn); the run in {workdir!r} is {name!r}")
+        raise UserError(f"--mode=sample needs a causal model (gpt, lstm, rnn) or bert (fill-in-the-blank); "
+                        f"the run in {workdir!r} is {name!r}")
     tok = trained.tokenizer
     ids = tok.encode(prompt) if prompt else [tok.eos_id]
     if len(ids) == 0:
@@ -51,6 +54,16 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
         texts.append(prompt + tok.decode(out))
         print(texts[-1] + ("\n" + "-" * 40 if num_samples > 1 else ""))
     return texts
+
+
+def _fill_mask(trained, prompt: str, top_k: int) -> list:
+    """BERT: for each [MASK] in the prompt, the top_k fillers with probabilities."""
+    tables = features.fill_mask(trained, prompt, top_k)
+    for i, rows in enumerate(tables, 1):
+        print(f"[MASK] #{i} in {prompt!r} (step {trained.step}):")
+        for rank, (token, p) in enumerate(rows, 1):
+            print(f"{rank:3d}  {token!r:>14}  {p:8.4f}  {'#' * int(round(p * 50))}")
+    return tables
 
 
 MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench.run_bench}

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import checkpoint, config as config_lib, models
-from jaxlm.data import tokenizers
+from jaxlm.data import synthetic, tokenizers
 from jaxlm.errors import UserError
 from jaxlm.train import optim, state as state_lib
 
@@ -38,7 +38,10 @@ def load(workdir: str) -> TrainedRun:
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir!r} does not exist")
     config = config_lib.load(workdir)
-    tokenizer = tokenizers.load_tokenizer(config.data, workdir)
+    if config.data.source.startswith("synthetic:"):   # the vocabulary is a function of the task alone
+        tokenizer = synthetic.load_tokenizer(config.data, workdir)
+    else:
+        tokenizer = tokenizers.load_tokenizer(config.data, workdir)
     model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optim.make_optimizer(config.optim, config.train.steps)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlm import config as config_lib
 from jaxlm import objectives
+from jaxlm.data import synthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +64,13 @@ def objective_sums(spec: StepSpec, params, batch, carry, *, dropout_key=None, ma
         loss, count, correct = objectives.causal_lm_loss(logits, targets, weights)
         return {"loss": loss, "tokens": count, "correct": correct}, carry
     if spec.objective == "masked_lm":
-        valid = weights > 0
-        masked, selected = objectives.mask_tokens(
-            inputs, mask_key, mask_prob=spec.mask_prob,
-            mask_id=spec.mask_id, vocab_size=spec.vocab_size, special_ids=spec.special_ids, valid=valid)
-        logits, _ = apply_model(spec.graphdef, params, masked, mask=valid, dropout_key=dropout_key)
+        if "weights" in batch:   # synthetic tasks: mask exactly the answers, which must come from the context
+            masked, selected = synthetic.mask_answers(tokens, batch["weights"], spec.mask_id)
+        else:
+            masked, selected = objectives.mask_tokens(
+                inputs, mask_key, mask_prob=spec.mask_prob,
+                mask_id=spec.mask_id, vocab_size=spec.vocab_size, special_ids=spec.special_ids)
+        logits, _ = apply_model(spec.graphdef, params, masked, dropout_key=dropout_key)
         loss, count, correct = objectives.masked_lm_loss(logits, inputs, selected)
         return {"loss": loss, "tokens": count, "correct": correct}, carry
     # bidirectional_lm (ELMo): forward predicts t+1, backward predicts t-1, over the same T inputs
