@@ -63,6 +63,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self._pending: int | None = None   # step of an async save not yet known to have finished
+        self._unusable: set[int] = set()   # steps restore_latest fell back past (set aside if saved again)
         self._closed = False
         _install_quiet_orbax_logging()
         if jax.process_index() == 0:
@@ -98,6 +99,8 @@ class Checkpointer:
         step = int(step)
         meta = json.loads(json.dumps({} if meta is None else meta))   # TypeError now, not in a background thread
         self.wait()
+        if step in self._unusable and step in self._manager.all_steps():
+            self._set_aside(step)   # a resumed run re-trained past a damaged step: save the good one
         if step in self._manager.all_steps():
             log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
             return
@@ -142,6 +145,7 @@ class Checkpointer:
             restored, reason = self._try_restore(step, target)
             if restored is not None:
                 return (step, *restored)
+            self._unusable.add(step)
             first_error = first_error or f"step {step}: {reason}"
             then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier step"
             log.warning("checkpoint step %d in %s is unusable (%s); %s", step, self.directory, reason, then)
@@ -186,6 +190,18 @@ class Checkpointer:
         if not isinstance(meta, dict):
             raise ValueError(f"meta/metadata holds {type(meta).__name__}, not a JSON object")
         return restored[_STATE], meta
+
+    def _set_aside(self, step: int) -> None:
+        """Renames the unusable step STEP to STEP.unusable[-N] (kept for inspection; Orbax ignores the name)."""
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst, n = f"{src}.unusable", 1
+            while os.path.exists(dst):
+                dst, n = f"{src}.unusable-{n}", n + 1
+            os.rename(src, dst)
+            log.warning("set the unusable checkpoint step %d aside as %s; saving step %d again", step, dst, step)
+        self._unusable.discard(step)
+        self._manager.reload()
 
     def _save_failed(self, step: int | None, exc: Exception) -> NoReturn:
         """Re-raises a failed save: a one-line UserError for I/O failures, the original error otherwise."""
