@@ -28,9 +28,9 @@ LENGTHS = np.array([9, 6, 2])
 
 
 def _padded_batch(seed=0, pad_id=0):
-    tokens = np.array(jax.random.randint(jax.random.key(seed), (3, 9), 1, 11))
+    tokens = np.random.default_rng(seed).integers(1, 11, (3, 9))
     mask = np.arange(9)[None, :] < LENGTHS[:, None]
-    return jnp.asarray(np.where(mask, tokens, pad_id)), jnp.asarray(mask)
+    return jnp.asarray(np.where(mask, tokens, pad_id), jnp.int32), jnp.asarray(mask)
 
 
 def test_flip_sequences_reverses_only_real_tokens():
@@ -54,14 +54,19 @@ def test_backward_stack_is_forward_stack_on_reversed_rows_with_padding():
     model = _model()
     tokens, mask = _padded_batch()
     reps = model.embeddings(tokens, mask)
-    d = 8
+    # Reverse each row's real tokens by hand and run the *forward* direction with the backward weights:
+    # it is causal, so its outputs at real positions never see the padding that follows them.
+    rev = np.array(tokens)
     for b, n in enumerate(LENGTHS):
-        x = jnp.swapaxes(model.embed(tokens[b:b + 1, :n]), 0, 1)          # [n, 1, d], no padding at all
-        fwd = elmo.run_stack(model.forward_layers, x)
-        bwd = elmo.run_stack(model.backward_layers, x[::-1])                # forward direction, reversed input
-        for layer in range(model.num_layers):
-            np.testing.assert_allclose(reps[layer + 1, b, :n, :d], fwd[layer][:, 0], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(reps[layer + 1, b, :n, d:], bwd[layer][::-1, 0], rtol=1e-5, atol=1e-6)
+        rev[b, :n] = rev[b, :n][::-1]
+    x = jnp.swapaxes(model.embed(jnp.asarray(rev)), 0, 1)
+    fwd = elmo.run_stack(model.forward_layers, jnp.swapaxes(model.embed(tokens), 0, 1))
+    bwd = elmo.run_stack(model.backward_layers, x)
+    d = 8
+    for layer in range(model.num_layers):
+        for b, n in enumerate(LENGTHS):
+            np.testing.assert_allclose(reps[layer + 1, b, :n, :d], fwd[layer][:n, b], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(reps[layer + 1, b, :n, d:], bwd[layer][:n, b][::-1], rtol=1e-5, atol=1e-6)
 
 
 def test_real_positions_ignore_padding_contents():
@@ -97,7 +102,7 @@ def test_scalar_mix_matches_equation_and_weights_sum_to_one():
     mix.scalars[...] = jnp.array([0.3, -1.0, 2.0, 0.5])
     mix.gamma[...] = jnp.array(1.7)
     assert abs(float(jnp.sum(mix.weights())) - 1.0) < 1e-6
-    reps = np.asarray(jax.random.normal(jax.random.key(0), (4, 2, 5, 6)), np.float64)
+    reps = np.random.default_rng(0).standard_normal((4, 2, 5, 6))
     s = np.array([0.3, -1.0, 2.0, 0.5])
     w = np.exp(s) / np.exp(s).sum()
     np.testing.assert_allclose(mix(jnp.asarray(reps, jnp.float32)), 1.7 * np.einsum("j,jbtd->btd", w, reps),
@@ -107,7 +112,7 @@ def test_scalar_mix_matches_equation_and_weights_sum_to_one():
 
 def test_scalar_mix_layer_norm_uses_real_positions_only():
     mix = scalar_mix.ScalarMix(2, layer_norm=True)
-    reps = np.asarray(jax.random.normal(jax.random.key(1), (2, 2, 5, 3)), np.float64) * 3 + 1
+    reps = np.random.default_rng(1).standard_normal((2, 2, 5, 3)) * 3 + 1
     mask = np.arange(5)[None, :] < np.array([5, 3])[:, None]
     expected = []
     for h in reps:
@@ -134,7 +139,7 @@ def test_overfits_tiny_text():
     batch = jnp.asarray(np.stack([ids[s:s + 32] for s in range(0, 8 * 37, 37)]))
     model = elmo.ELMo(_cfg(d_model=32, hidden_size=64), len(vocab), rngs=nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adam(1e-2)
+    tx = optax.adam(2e-2)
     opt_state = tx.init(params)
 
     def losses(params):
@@ -148,7 +153,7 @@ def test_overfits_tiny_text():
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    for step in range(300):
+    for step in range(150):
         params, opt_state, loss = train_step(params, opt_state)
         first = loss if step == 0 else first
     forward_loss, backward_loss = jax.jit(losses)(params)

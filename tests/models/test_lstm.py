@@ -49,15 +49,19 @@ def _f64(p):
     return np.asarray(p[...], np.float64)
 
 
-def _random_lstm_args(key, T, B, H, P, dtype=jnp.float32, scale=0.5):
+def _normal(seed, shape, dtype=np.float32, scale=1.0):
+    """Test data from NumPy (no per-shape JAX compilation)."""
+    return jnp.asarray((scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype))
+
+
+def _random_lstm_args(seed, T, B, H, P, dtype=np.float32, scale=0.5):
     """Random (xw, w_hh, w_p, h0, c0) for the pure recurrences; P=0 means no projection."""
-    ks = jax.random.split(key, 5)
     out = P if P else H
-    xw = jax.random.normal(ks[0], (T, B, 4 * H), dtype)
-    w_hh = scale * jax.random.normal(ks[1], (out, 4 * H), dtype) / np.sqrt(out)
-    w_p = scale * jax.random.normal(ks[2], (H, P), dtype) / np.sqrt(H) if P else None
-    h0 = 0.5 * jax.random.normal(ks[3], (B, out), dtype)
-    c0 = 0.5 * jax.random.normal(ks[4], (B, H), dtype)
+    xw = _normal(seed, (T, B, 4 * H), dtype)
+    w_hh = _normal(seed + 1, (out, 4 * H), dtype, scale / np.sqrt(out))
+    w_p = _normal(seed + 2, (H, P), dtype, scale / np.sqrt(H)) if P else None
+    h0 = _normal(seed + 3, (B, out), dtype, 0.5)
+    c0 = _normal(seed + 4, (B, H), dtype, 0.5)
     return xw, w_hh, w_p, h0, c0
 
 
@@ -68,10 +72,9 @@ def _random_lstm_args(key, T, B, H, P, dtype=jnp.float32, scale=0.5):
 @pytest.mark.parametrize("T", [1, 9])
 def test_lstm_layer_matches_numpy(projection, T):
     layer = lstm.LSTMLayer(6, 8, projection, rngs=nnx.Rngs(params=1))
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (T, 3, 6))
-    h0 = 0.3 * jax.random.normal(jax.random.key(1), (3, projection or 8))
-    c0 = 0.3 * jax.random.normal(jax.random.key(2), (3, 8))
+    x = _normal(0, (T, 3, 6))
+    h0 = _normal(1, (3, projection or 8), scale=0.3)
+    c0 = _normal(2, (3, 8), scale=0.3)
     hs, (h, c) = layer(x, (h0, c0))
     w_p = _f64(layer.w_p) if projection else None
     ref_hs, ref_h, ref_c = _np_lstm(np.asarray(x, np.float64), np.asarray(h0, np.float64),
@@ -86,8 +89,8 @@ def test_lstm_layer_matches_numpy(projection, T):
 @pytest.mark.parametrize("T", [1, 9])
 def test_rnn_layer_matches_numpy(T):
     layer = lstm.RNNLayer(6, 8, rngs=nnx.Rngs(params=1))
-    x = jax.random.normal(jax.random.key(0), (T, 3, 6))
-    h0 = 0.3 * jax.random.normal(jax.random.key(1), (3, 8))
+    x = _normal(0, (T, 3, 6))
+    h0 = _normal(1, (3, 8), scale=0.3)
     hs, h = layer(x, h0)
     ref_hs, ref_h = _np_rnn(np.asarray(x, np.float64), np.asarray(h0, np.float64), _f64(layer.w_ih),
                             _f64(layer.w_hh), _f64(layer.b))
@@ -98,46 +101,45 @@ def test_rnn_layer_matches_numpy(T):
 # --- gradients against central finite differences (float64) ------------------------------------------
 
 
-def _check_directional_derivatives(f, args, key, eps=1e-5, rtol=1e-6):
+def _check_directional_derivatives(f, args, seed, eps=1e-5, rtol=1e-6):
     """<grad f, v> == (f(a + eps v) - f(a - eps v)) / 2 eps for a random direction v in each argument."""
     grads = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
     f = jax.jit(f)
     for n, (arg, grad) in enumerate(zip(args, grads)):
         if arg is None:
             continue
-        v = jax.random.normal(jax.random.fold_in(key, n), arg.shape, arg.dtype)
+        v = _normal(seed + n, arg.shape, np.float64)
         plus = list(args); plus[n] = arg + eps * v
         minus = list(args); minus[n] = arg - eps * v
         fd = (f(*plus) - f(*minus)) / (2 * eps)
         np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=rtol, atol=1e-9, err_msg=f"argument {n}")
 
 
-@pytest.mark.parametrize("fused,projection", [(True, 0), (True, 3), (False, 3)])
+@pytest.mark.parametrize("fused,projection", [(True, 3), (False, 0)])
 def test_lstm_gradients_match_finite_differences(fused, projection):
     with jax.enable_x64(True):
-        args = _random_lstm_args(jax.random.key(3), 6, 2, 4, projection, jnp.float64)
-        weights = jax.random.normal(jax.random.key(4), (6, 2, projection or 4), jnp.float64)
+        args = _random_lstm_args(3, 6, 2, 4, projection, np.float64)
+        weights = _normal(10, (6, 2, projection or 4), np.float64)
 
         def loss(*a):
             hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
             return jnp.sum(hs * weights) + jnp.sum(h ** 2) + jnp.sum(jnp.sin(c))
 
-        _check_directional_derivatives(loss, args, jax.random.key(5))
+        _check_directional_derivatives(loss, args, 20)
 
 
 def test_rnn_gradients_match_finite_differences():
     with jax.enable_x64(True):
-        ks = jax.random.split(jax.random.key(6), 4)
-        xw = jax.random.normal(ks[0], (6, 2, 4), jnp.float64)
-        w_hh = 0.5 * jax.random.normal(ks[1], (4, 4), jnp.float64)
-        h0 = 0.5 * jax.random.normal(ks[2], (2, 4), jnp.float64)
-        weights = jax.random.normal(ks[3], (6, 2, 4), jnp.float64)
+        xw = _normal(6, (6, 2, 4), np.float64)
+        w_hh = _normal(7, (4, 4), np.float64, 0.5)
+        h0 = _normal(8, (2, 4), np.float64, 0.5)
+        weights = _normal(9, (6, 2, 4), np.float64)
 
         def loss(xw, w_hh, h0):
             hs, h = lstm.rnn_scan(xw, w_hh, h0)
             return jnp.sum(hs * weights) + jnp.sum(h ** 2)
 
-        _check_directional_derivatives(loss, (xw, w_hh, h0), jax.random.key(7))
+        _check_directional_derivatives(loss, (xw, w_hh, h0), 30)
 
 
 # --- the custom-VJP path equals autodiff -------------------------------------------------------------
@@ -149,10 +151,10 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("projection", [0, 5])
 def test_fused_lstm_equals_autodiff(projection):
-    args = _random_lstm_args(jax.random.key(8), 40, 3, 16, projection, scale=1.5)
-    ct = jax.random.normal(jax.random.key(9), (40, 3, projection or 16))
-    ct_h = jax.random.normal(jax.random.key(10), (3, projection or 16))
-    ct_c = jax.random.normal(jax.random.key(11), (3, 16))
+    args = _random_lstm_args(40, 40, 3, 16, projection, scale=1.5)
+    ct = _normal(50, (40, 3, projection or 16))
+    ct_h = _normal(51, (3, projection or 16))
+    ct_c = _normal(52, (3, 16))
 
     def loss(fused, *a):
         hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
@@ -169,27 +171,6 @@ def test_fused_lstm_equals_autodiff(projection):
     for name, a, b in zip(["xw", "w_hh", "w_p", "h0", "c0"], g_f, g_r):
         if b is not None:
             assert _rel_err(a, b) < 1e-5, name
-
-
-def test_fused_lstmlm_param_and_input_grads_equal_autodiff():
-    cfg = _cfg(projection_size=12)
-    models = [lstm.LSTMLM(cfg, 11, rngs=nnx.Rngs(params=0), fused=f) for f in (True, False)]
-    tokens = jax.random.randint(jax.random.key(0), (3, 20), 0, 11)
-    carry = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a), models[0].initial_carry(3))
-
-    def grads(model):
-        graphdef, params = nnx.split(model, nnx.Param)
-        x = model.embed(tokens)
-
-        def loss(params, x, carry):
-            logits, new_carry = nnx.merge(graphdef, params).forward_from_embeddings(x, carry)
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + sum(jnp.sum(a) for a in jax.tree.leaves(new_carry))
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, x, carry)
-
-    g_fused, g_ref = grads(models[0]), grads(models[1])
-    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_ref)):
-        assert _rel_err(a, b) < 1e-5
 
 
 # --- initialisation ----------------------------------------------------------------------------------
@@ -234,22 +215,23 @@ def test_model_state_is_only_params(name, projection):
 def test_carry_across_segments_equals_one_pass(name, projection):
     cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
     model = cls(_cfg(name, projection_size=projection), 11, rngs=nnx.Rngs(params=0))
-    tokens = jax.random.randint(jax.random.key(1), (3, 17), 0, 11)
-    full, full_carry = model(tokens)
-    first, carry = model(tokens[:, :7])
-    second, carry = model(tokens[:, 7:], carry)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 16)), jnp.int32)
+    call = jax.jit(lambda model, *args: model(*args))
+    full, full_carry = call(model, tokens)
+    first, carry = call(model, tokens[:, :8])
+    second, carry = call(model, tokens[:, 8:], carry)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(full_carry)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # and the state matters: restarting from zeros gives different logits
-    assert _rel_err(model(tokens[:, 7:])[0], second) > 1e-2
+    assert _rel_err(call(model, tokens[:, 8:])[0], second) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm"])
 def test_step_equals_full_sequence(name):
     cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
     model = cls(_cfg(name, projection_size=12 if name == "lstm" else 0), 11, rngs=nnx.Rngs(params=0))
-    tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 11)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 11, (2, 8)), jnp.int32)
     full, _ = model(tokens)
     step = jax.jit(lambda t, c: model.step(t, c))
     carry = model.initial_carry(2)
@@ -260,7 +242,7 @@ def test_step_equals_full_sequence(name):
 
 def test_hidden_states_and_embedding_entry_point():
     model = lstm.LSTMLM(_cfg(projection_size=16), 11, rngs=nnx.Rngs(params=0))
-    tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, 11)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, (2, 6)), jnp.int32)
     states = model.hidden_states(tokens)
     assert [s.shape for s in states] == [(2, 6, 16)] * 3
     logits, _ = model(tokens)
@@ -289,7 +271,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 VOCAB = sorted(set(TEXT))
 
 
-def _overfit(model, steps=300, lr=1e-2):
+def _overfit(model, steps=150, lr=2e-2):
     ids = np.array([VOCAB.index(ch) for ch in TEXT], np.int32)
     batch = jnp.asarray(np.stack([ids[s:s + 33] for s in range(0, 8 * 37, 37)]))
     graphdef, params = nnx.split(model, nnx.Param)
