@@ -1,33 +1,91 @@
-"""Data parallelism: wraps the pure step for jax.jit over a device mesh (default) or jax.pmap (legacy path).
+"""Parallelism: the pure step under jax.jit over a (data, fsdp) device mesh (default) or jax.pmap (legacy path).
 
-Both strategies run the same `train_step`; only placement differs. Checkpoints always hold one host-side copy
-of the state (`to_host`), so a run saved under one strategy or device count restores under any other.
-Since JAX 0.8, `jax.pmap` is itself implemented as jit + shard_map over a 1-D mesh (JAX-NOTES.md §1).
+Both strategies run the same `train_step`; only placement differs.
+
+* ``jit`` (default): a 2-D mesh ``(data, fsdp)`` over all devices of all processes, ``data * fsdp = devices``.
+  Batches (and a recurrent carry) are split over both axes (every device gets ``batch / devices`` rows).
+  With ``fsdp = 1`` parameters and optimizer state are replicated (plain data parallelism). With ``fsdp = N``
+  each parameter and its optimizer moments are split ``N`` ways along their largest axis divisible by ``N``
+  (replicated if none is), so each device holds ~1/N of them (ZeRO-3 / FSDP); XLA inserts the all-gathers
+  of the parameters before their use and reduce-scatters the gradients.  Same math, same result.
+* ``pmap``: the step under ``jax.pmap`` with the sums ``psum``'d over the device axis inside the step
+  (``StepSpec.axis_name``).  Since JAX 0.8 ``jax.pmap`` is itself implemented as jit + shard_map over a 1-D mesh
+  (JAX-NOTES.md section 1), so it costs the same; it is here for users who know it.
+
+Checkpoints always hold one host-side copy of the state (`to_host`), so a run saved under one strategy, mesh
+or device count restores under any other.  Multi-process runs (`initialize_distributed`) use the same code:
+the mesh spans the devices of every process, each process feeds only its own rows of each batch.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxlm.errors import UserError
+
 PMAP_AXIS = "batch"
+BATCH_AXES = ("data", "fsdp")   # batch rows are split over both mesh axes
+EXIT_PEER_LOST = 4              # exit code of a process whose peer process died (see start_peer_watchdog)
+
+
+def fsdp_spec(shape, fsdp: int) -> P:
+    """The PartitionSpec of one parameter (or optimizer moment) under fsdp=N.
+
+    Splits the largest axis whose size is divisible by N over the "fsdp" mesh axis (the first such axis on
+    ties); replicates scalars, tiny leaves and leaves with no divisible axis.
+    """
+    if fsdp <= 1:
+        return P()
+    candidates = [(size, -i) for i, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
+    if not candidates:
+        return P()
+    _, neg_axis = max(candidates)
+    spec = [None] * len(shape)
+    spec[-neg_axis] = "fsdp"
+    return P(*spec)
+
+
+def _make_mesh(devices, fsdp: int):
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise UserError(f"invalid parallel.fsdp={fsdp}: must divide the number of devices ({n})")
+    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
 
 
 class DataParallel:
-    """Placement + wrapped steps for one strategy. Batches arrive as this process's rows (numpy)."""
+    """Placement + wrapped steps for one strategy. Batches arrive as this process's rows (numpy).
 
-    def __init__(self, strategy: str, train_step, eval_step):
+    Args:
+      strategy: "jit" or "pmap".
+      train_step, eval_step: the pure steps of train/step.py (bound with their StepSpec; for pmap the spec's
+        axis_name must be PMAP_AXIS).
+      fsdp: size of the mesh's "fsdp" axis (jit only): parameters and optimizer state are split this many ways.
+      devices: the devices to use (default: all devices of all processes); tests pass a subset.
+    """
+
+    def __init__(self, strategy: str, train_step, eval_step, *, fsdp: int = 1, devices=None):
         self.strategy = strategy
-        self.devices = jax.devices()
-        self.local_devices = jax.local_devices()
+        self.fsdp = int(fsdp)
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
         if strategy == "pmap":
-            self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=(0,))
-            self._eval = jax.pmap(eval_step, axis_name=PMAP_AXIS)
+            if self.fsdp != 1:
+                raise UserError(f"invalid parallel.fsdp={fsdp} with parallel.strategy='pmap': "
+                                "fsdp needs parallel.strategy='jit'")
+            self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=(0,), devices=self.devices)
+            self._eval = jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=self.devices)
         else:
-            self.mesh = jax.make_mesh((len(self.devices),), ("data",), axis_types=(AxisType.Auto,))
+            self.mesh = _make_mesh(self.devices, self.fsdp)
             self.replicated = NamedSharding(self.mesh, P())
-            self.sharded = NamedSharding(self.mesh, P("data"))
+            self.sharded = NamedSharding(self.mesh, P(BATCH_AXES))   # batch rows over every device
             self._train_step, self._eval_step = train_step, eval_step
             self._train = None   # jitted on first use, when the state's sharding tree is known
             self._eval = jax.jit(eval_step)
@@ -36,15 +94,24 @@ class DataParallel:
     def num_devices(self) -> int:
         return len(self.devices)
 
-    def _state_shardings(self, state):
-        """Everything replicated except the recurrent carry, whose rows follow the batch rows."""
-        shardings = jax.tree.map(lambda _: self.replicated, state)
-        if state.carry is not None:
-            shardings = shardings.replace(carry=jax.tree.map(lambda _: self.sharded, state.carry))
-        return shardings
+    # ---- shardings (jit) -------------------------------------------------------------------------------
+
+    def _param_sharding(self, x) -> NamedSharding:
+        return NamedSharding(self.mesh, fsdp_spec(np.shape(x), self.fsdp))
+
+    def state_shardings(self, state):
+        """Per-leaf NamedShardings of a TrainState: params and opt_state by `fsdp_spec`, the carry's rows over
+        the batch axes, step and rng replicated."""
+        shardings = jax.tree.map(lambda _: self.replicated, state.replace(params=None, opt_state=None, carry=None))
+        return shardings.replace(params=jax.tree.map(self._param_sharding, state.params),
+                                 opt_state=jax.tree.map(self._param_sharding, state.opt_state),
+                                 carry=jax.tree.map(lambda _: self.sharded, state.carry))
+
+    # ---- placement -------------------------------------------------------------------------------------
 
     def place_state(self, state):
-        """Host state (numpy or single-device arrays) -> state laid out for the wrapped step."""
+        """Host state (numpy or single-device arrays, the whole state on every process) -> the device layout
+        of the wrapped step.  The carry holds this process's rows only (as `place_carry`)."""
         if self.strategy == "pmap":
             n = len(self.local_devices)
             carry = state.carry
@@ -52,48 +119,33 @@ class DataParallel:
             if carry is not None:
                 carry = jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *x.shape[1:]), carry)
             return rep.replace(carry=carry)   # pmap transfers [devices, ...] host arrays itself
-        shardings = self._state_shardings(state)
-        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x))
-                            if s is self.sharded else jax.device_put(np.asarray(x), s), state, shardings)
+        host = state.replace(carry=None)
+        shardings = self.state_shardings(host)
+        placed = jax.tree.map(_global_from_full_copy, host, shardings)
+        return placed.replace(carry=self.place_carry(state.carry))
 
     def abstract_state(self, state):
         """ShapeDtypeStructs of the host state, for checkpoint restore (on one device; place_state follows)."""
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
 
     def to_host(self, state):
-        """The device state as numpy, one copy (pmap's replicas collapsed, the carry's shards concatenated)."""
+        """The device state as numpy, one whole copy on every process (pmap's replicas collapsed, fsdp's
+        parameter shards and the carry's row shards gathered, across processes too)."""
         if self.strategy == "pmap":
-            carry = state.carry
-            rest = jax.tree.map(lambda x: np.asarray(x[0]), state.replace(carry=None))
-            if carry is not None:
-                carry = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), carry)
+            rest = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.replace(carry=None))
+            carry = jax.tree.map(lambda x: _gather(x).reshape(-1, *x.shape[2:]), state.carry)
             return rest.replace(carry=carry)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), state)
-        return jax.tree.map(np.asarray, state)
+        return jax.tree.map(_gather, state)
 
     def place_batch(self, batch: dict):
-        """This process's rows -> a global batch sharded over the data axis (or [devices, rows/device, ...])."""
+        """This process's rows -> a global batch sharded over the batch axes (or [devices, rows/device, ...])."""
         if self.strategy == "pmap":
             n = len(self.local_devices)
             return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch)
-
-    def train_step(self, state, batch):
-        if self._train is None:
-            self._train = jax.jit(self._train_step, out_shardings=(self._state_shardings(state), self.replicated),
-                                  donate_argnums=(0,))
-        state, metrics = self._train(state, batch)
-        return state, (jax.tree.map(lambda m: m[0], metrics) if self.strategy == "pmap" else metrics)
-
-    def eval_step(self, state, batch, carry=None):
-        """(sums, new_carry); carry is laid out like state.carry (use `place_carry` for a fresh one)."""
-        sums, carry = self._eval(state.params, batch, carry)
-        return (jax.tree.map(lambda m: m[0], sums) if self.strategy == "pmap" else sums), carry
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), batch)
 
     def place_carry(self, carry):
-        """A host carry [batch, ...] laid out for the wrapped steps (rows follow the batch rows)."""
+        """A host carry holding this process's rows [rows, ...] laid out for the wrapped steps."""
         if carry is None:
             return None
         if self.strategy == "pmap":
@@ -101,18 +153,138 @@ class DataParallel:
             return jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *x.shape[1:]), carry)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, np.asarray(x)), carry)
 
+    # ---- steps -----------------------------------------------------------------------------------------
+
+    def train_step(self, state, batch):
+        """(state, metrics); metrics are replicated scalars (on this process's first device under pmap)."""
+        if self._train is None:
+            self._train = jax.jit(self._train_step, out_shardings=(self.state_shardings(state), self.replicated),
+                                  donate_argnums=(0,))
+        state, metrics = self._train(state, batch)
+        return state, (_first_replica(metrics) if self.strategy == "pmap" else metrics)
+
+    def eval_step(self, state, batch, carry=None):
+        """(sums, new_carry); carry is laid out like state.carry (use `place_carry` for a fresh one)."""
+        sums, carry = self._eval(state.params, batch, carry)
+        return (_first_replica(sums) if self.strategy == "pmap" else sums), carry
+
     def params(self, state):
         """The parameters as host numpy (for sampling and analysis)."""
         return self.to_host(state.replace(carry=None)).params
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None):
-    """jax.distributed set-up: explicit addresses, or JAX's auto-detection (TPU pods, SLURM) when all are None."""
-    if coordinator_address or num_processes or process_id is not None:
+def _global_from_full_copy(x, sharding):
+    """A global jax.Array from the whole value, present on every process (each process places its shards)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _gather(x):
+    """A (possibly sharded, possibly multi-process) jax.Array -> its whole value as numpy, on every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _first_replica(tree):
+    """pmap outputs [devices, ...] -> the value on this process's first device (no cross-process read)."""
+    return jax.tree.map(lambda m: m.addressable_data(0).reshape(m.shape[1:]), tree)
+
+
+# ---- multi-process -------------------------------------------------------------------------------------
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, auto: bool = False,
+                           heartbeat_timeout_seconds: int = 60) -> bool:
+    """jax.distributed set-up, before anything touches the devices.  Returns True if this is a multi-process run.
+
+    Explicit: all of coordinator_address ("HOST:PORT", reachable by every process; process 0 listens there),
+    num_processes and process_id.  auto=True (none given): JAX's own cluster detection (Cloud TPU pods, SLURM,
+    Open MPI, ...); without a detected cluster this is a single-process run.  CPU collectives go over gloo.
+    Starts a peer watchdog so that a process whose peer died exits with a clear message (start_peer_watchdog).
+    """
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise UserError("multi-process runs need all of --coordinator_address=HOST:PORT, --num_processes=N and "
+                        f"--process_id=I (got coordinator_address={coordinator_address!r}, "
+                        f"num_processes={num_processes!r}, process_id={process_id!r})")
+    if all(given):
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise UserError(f"invalid --process_id={process_id}: must be in [0, --num_processes={num_processes})")
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"invalid --coordinator_address={coordinator_address!r}: use HOST:PORT, e.g. 127.0.0.1:12345")
+        if num_processes == 1:
+            return False
+    elif not auto:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # the default; CPU collectives only
+    try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=120)
+                                   process_id=process_id, initialization_timeout=120,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+    except (RuntimeError, ValueError) as e:
+        if not all(given):   # auto-detection found no cluster: a plain single-process run
+            return False
+        raise UserError(f"jax.distributed.initialize failed for process {process_id} of {num_processes} "
+                        f"(coordinator {coordinator_address}): {' '.join(str(e).split())[:300]}") from None
+    if jax.process_count() > 1:
+        start_peer_watchdog()
         return True
     return False
+
+
+def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) -> threading.Thread | None:
+    """A daemon thread that ends this process (exit code EXIT_PEER_LOST, one clear line on stderr) when another
+    process of the run stops responding, instead of leaving it blocked in a collective that never completes.
+
+    Every `interval` s each process bumps its own counter in the coordination service's key-value store and
+    reads the others'.  A peer whose counter has not moved for `timeout` s (JAXLM_PEER_TIMEOUT, default 30) is
+    taken as dead; losing the coordination service itself (process 0 died) is detected the same way.
+    Uses os._exit: the main thread may be stuck in a collective, and a normal exit would wait for it.
+    """
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None or jax.process_count() < 2:
+        return None
+    timeout = float(os.environ.get("JAXLM_PEER_TIMEOUT", 30)) if timeout is None else timeout
+    me, n = jax.process_index(), jax.process_count()
+
+    def lost(message: str):
+        print(f"launch.py: error: process {me} of {n}: {message}; exiting (the run cannot continue without it: "
+              "restart all processes with the same command to resume from the last checkpoint)",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
+
+    def watch():
+        beats = 0
+        last_seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+        rpc_failing_since = None
+        while True:
+            beats += 1
+            now = time.monotonic()
+            try:
+                client.key_value_set(f"jaxlm/heartbeat/{me}", str(beats), allow_overwrite=True)
+                for p, (value, since) in last_seen.items():
+                    got = client.key_value_try_get(f"jaxlm/heartbeat/{p}")
+                    if got != value:
+                        last_seen[p] = (got, now)
+                    elif now - since > timeout:
+                        lost(f"process {p} stopped responding {now - since:.0f} s ago (killed or crashed?)")
+                rpc_failing_since = None
+            except Exception as e:  # noqa: BLE001 - NOT_FOUND before a peer's first beat is normal
+                if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                    pass
+                else:
+                    rpc_failing_since = rpc_failing_since or now
+                    if now - rpc_failing_since > min(timeout, 10.0):
+                        lost(f"lost the coordination service on process 0 ({' '.join(str(e).split())[:160]})")
+            time.sleep(interval)
+
+    thread = threading.Thread(target=watch, name="jaxlm-peer-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def check_batch_divisible(batch_size: int, grad_accum_steps: int) -> str | None:
@@ -126,4 +298,3 @@ def check_batch_divisible(batch_size: int, grad_accum_steps: int) -> str | None:
     if (per_process // jax.local_device_count()) % grad_accum_steps and grad_accum_steps > 1:
         return f"train.grad_accum_steps={grad_accum_steps} must divide the per-device batch"
     return None
-
