@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXPERIMENT = os.path.join(HERE, "experiments", "gpt_char.py")
-MODES = ("train", "eval", "sample", "bench")
+MODES = ("train", "eval", "sample", "bench", "analyze")
 
 CONFIG_HELP = ( "Experiment file (experiments/*.py, optionally FILE:ARG); override any key with "
     "--config.SECTION.KEY=VALUE (type-checked; unknown keys are an error). Keys: see jaxlm/config.py.")
@@ -31,7 +31,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<ex
                                "on an existing workdir resumes from its latest complete checkpoint.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "train | eval (latest checkpoint on the validation split) | "
                           "sample (continue --prompt with a trained causal model) | bench (training speed of the "
-                          "reference shapes, or of --config's model if given: WORKDIR/bench.json).")
+                          "reference shapes, or of --config's model if given: WORKDIR/bench.json) | analyze (gradient "
+                          "sensitivity, context ablation, attention maps of the run in --workdir: WORKDIR/analysis/).")
 _RESTART = flags.DEFINE_bool("restart", False, "Train from scratch in a workdir that has checkpoints "
                              "(the old run is moved to WORKDIR/previous-<time>/, not deleted).")
 _PROMPT = flags.DEFINE_string("prompt", "", "sample: the text to continue.")
@@ -46,6 +47,13 @@ _SEED = flags.DEFINE_integer("sample_seed", 0, "sample: random seed of the sampl
 _HUGEPAGES = flags.DEFINE_bool("hugepages", True, "Re-execute once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
                                  "(huge-page-backed malloc: 25-45% faster CPU steps); --nohugepages or "
                                  "JAXLM_NO_REEXEC=1 keep the allocator as it is.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0 "
+                                   "(every process gets the same value; see scripts/launch_local.py and README).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index in "
+                                   "[0, --num_processes).", lower_bound=0)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-process runs: let jax.distributed.initialize detect "
+                                 "the cluster (Cloud TPU pods, SLURM, Open MPI) instead of the three flags above.")
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent compilation cache in "
                            "$JAXLM_CACHE_DIR or ~/.cache/jaxlm (second runs start faster).")
 
@@ -138,6 +146,9 @@ def main(argv) -> int:
     from jaxlm.errors import DivergedError, Interrupted, UserError
     try:
         config_lib.validate(config)
+        from jaxlm import parallel   # before anything touches the devices
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                        auto=_DISTRIBUTED.value)
         _configure_jax(_CACHE.value)
         jaxlm.run(config, workdir, mode, restart=_RESTART.value, prompt=_PROMPT.value, num_tokens=_NUM_TOKENS.value,
                   num_samples=_NUM_SAMPLES.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
