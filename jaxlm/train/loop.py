@@ -61,7 +61,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
                                          axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec))
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
     restored = checkpointer.restore_latest(host_state)
     start_step = 0
