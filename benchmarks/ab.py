@@ -90,15 +90,16 @@ def main():
                       f"other load {res['other_cpu_frac']:.2f}", file=sys.stderr, flush=True)
     base = variants[0][0]
     print(f"\n{a.shape}, {a.rounds} rounds (median tokens/s; ratio = median over rounds of variant/{base})\n")
-    print("| variant | settings | tokens/s | step ms | faults/step | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | settings | tokens/s | step ms | faults/step | first step s (cold) | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name, env, overrides in variants:
         tps = [x["tokens_per_sec"] for x in runs[name]]
         ratio = statistics.median(x / y["tokens_per_sec"] for x, y in zip(tps, runs[base]))
         settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
         print(f"| {name} | `{settings}` | {statistics.median(tps):,.0f} | "
               f"{statistics.median(x['step_ms_median'] for x in runs[name]):.1f} | "
-              f"{statistics.median(x['minor_faults_per_step'] for x in runs[name]):,.0f} | {ratio:.3f} |")
+              f"{statistics.median(x['minor_faults_per_step'] for x in runs[name]):,.0f} | "
+              f"{statistics.median(x['compile']['first_step_s'] for x in runs[name]):.2f} | {ratio:.3f} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(runs, f, indent=1)

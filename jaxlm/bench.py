@@ -68,7 +68,8 @@ SHAPES = {
                     "data.seq_len": 256}),
 }
 
-TIMED_SECONDS = 8.0          # time steps for about this long (medians are robust; more steps cost minutes)
+# Time steps for about this long (env JAXLM_BENCH_SECONDS overrides; medians are robust, more costs minutes).
+TIMED_SECONDS = float(os.environ.get("JAXLM_BENCH_SECONDS", 8.0))
 MIN_STEPS, MAX_STEPS, WARMUP_STEPS = 10, 200, 3
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",

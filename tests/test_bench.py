@@ -100,7 +100,7 @@ def test_bench_mode_writes_every_field_and_the_table(tmp_path):
     r = _launch(["--mode=bench", f"--config={ROOT}/benchmarks/shapes.py:gpt_tiny", f"--workdir={workdir}",
                  "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
                  "--config.model.max_len=16", "--config.data.seq_len=16", "--config.train.batch_size=2"],
-                env={"JAXLM_CACHE_DIR": str(tmp_path / "cache")})
+                env={"JAXLM_CACHE_DIR": str(tmp_path / "cache"), "JAXLM_BENCH_SECONDS": "0.2"})
     assert r.returncode == 0, r.stderr
     assert "| model | params |" in r.stdout and "| gpt_1x32 |" in r.stdout
     report = json.loads((workdir / "bench.json").read_text())

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""In-process A/B of model-side speed levers on one shape: every variant's train step is built and compiled
+in ONE process, then timed in short interleaved blocks (A B C A B C ...), so machine load hits all alike.
+
+Variants (jaxlm code is not modified: the attention ones patch MultiHeadAttention.__call__ while the
+variant's step is traced, then restore it):
+  base        the current code (exact GELU)
+  tanh_gelu   config model.gelu_approximate=True (a different function: tanh-approximate GELU)
+  attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
+  attn_bhtd   q, k, v transposed to [B, H, T, Dh] before the two attention einsums
+  attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
+  lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
+
+  python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
+
+Process-level levers (XLA flags, the allocator) need separate processes: benchmarks/ab.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlm import bench  # noqa: E402
+from jaxlm.models import attention, lstm  # noqa: E402
+
+
+def _causal_out(self, x, y_fn):
+    b, t, d = x.shape
+    q, k, v = self.project(x)
+    return self.out(y_fn(q, k, v).reshape(b, t, d))
+
+
+def attn_bias(self, x, mask=None):
+    assert mask is None and self.causal
+
+    def y_fn(q, k, v):
+        t = q.shape[1]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+        bias = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, attention.NEG).astype(jnp.float32)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype), v)
+    return _causal_out(self, x, y_fn)
+
+
+def attn_bhtd(self, x, mask=None):
+    assert mask is None and self.causal
+
+    def y_fn(q, k, v):
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        t = q.shape[2]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, attention.NEG), axis=-1)
+        return jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v).transpose(0, 2, 1, 3)
+    return _causal_out(self, x, y_fn)
+
+
+def attn_dpa(self, x, mask=None):
+    assert mask is None and self.causal
+    return _causal_out(self, x, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+
+
+PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa}
+OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}}
+
+
+@contextlib.contextmanager
+def patched(name):
+    original, fused = attention.MultiHeadAttention.__call__, lstm.lstm_scan_fused
+    if name in PATCHES:
+        attention.MultiHeadAttention.__call__ = PATCHES[name]
+    if name == "lstm_autodiff":
+        lstm.lstm_scan_fused = lstm.lstm_scan_reference
+    try:
+        yield
+    finally:
+        attention.MultiHeadAttention.__call__, lstm.lstm_scan_fused = original, fused
+
+
+def build(shape: str, name: str):
+    config = bench.shape_config(shape)
+    for key, value in OVERRIDES.get(name, {}).items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+    tokenizer = bench.bench_tokenizer(config, None)
+    pool = np.random.default_rng(0).integers(0, tokenizer.vocab_size,
+                                             (4, config.train.batch_size, config.data.seq_len + 1), np.int32)
+    with patched(name):
+        dp, state, _, _ = bench.build_step(config, tokenizer)
+        batches = [dp.place_batch({"tokens": p}) for p in pool]
+        state, metrics = dp.train_step(state, batches[0])   # trace + compile under the patch
+        jax.block_until_ready(metrics)
+    return {"dp": dp, "state": state, "batches": batches, "loss0": float(metrics["train/loss"])}
+
+
+def time_block(v, steps: int) -> float:
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        v["state"], metrics = v["dp"].train_step(v["state"], v["batches"][i % len(v["batches"])])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="gpt_small")
+    p.add_argument("--variants", default="base,tanh_gelu,attn_bias,attn_bhtd,attn_dpa")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--block", type=int, default=3, help="steps per variant per round")
+    a = p.parse_args()
+    names = a.variants.split(",")
+    built = {n: build(a.shape, n) for n in names}
+    print("first-step losses (same init and batch => equal up to the variant's function change): "
+          + ", ".join(f"{n} {v['loss0']:.5f}" for n, v in built.items()), file=sys.stderr)
+    for n in names:
+        time_block(built[n], 2)   # warm-up
+    med = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            med[n].append(time_block(built[n], a.block))
+    base = names[0]
+    print(f"\n{a.shape}: {a.rounds} interleaved rounds x {a.block} steps; speedup = median over rounds of "
+          f"{base} step time / variant step time; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n")
+    print("| variant | step ms (median) | speedup vs " + base + " |\n|---|---|---|")
+    for n in names:
+        speedup = statistics.median(b / x for b, x in zip(med[base], med[n]))
+        print(f"| {n} | {1e3 * statistics.median(med[n]):.1f} | {speedup:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
