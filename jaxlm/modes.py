@@ -1,16 +1,32 @@
-"""What each --mode does: train, eval, sample, bench. Each takes the validated config and a workdir."""
+"""What each --mode does: train, eval, sample, bench, analyze. Each takes the validated config and a workdir."""
 
 from __future__ import annotations
 
 import json
 
 from jaxlm import bench, config as config_lib, generate, runs
+from jaxlm.analysis import hooks, study
 from jaxlm.errors import UserError
 from jaxlm.train import loop
 
 
 def train(config, workdir: str, *, restart: bool = False, **_) -> dict:
+    if "study" in config:   # experiments/long_range.py: many runs + the report (jaxlm/analysis/study.py)
+        return study.run_study(config, workdir)
     return loop.train(config, workdir, restart=restart)
+
+
+def analyze(config, workdir: str, **_) -> dict:
+    """Sensitivity, context ablation and attention maps of the run in workdir -> WORKDIR/analysis/.
+
+    ``--config.analysis.KEY=VALUE`` overrides (values differing from the defaults) apply to the run's config."""
+    defaults = config_lib.flatten(config_lib.default_config())
+    overrides = {k: v for k, v in config_lib.flatten(config).items()
+                 if k.startswith("analysis.") and defaults.get(k) != v}
+    results = hooks.analyze_run(workdir, overrides)
+    print(f"analysis of {workdir} written to {workdir}/analysis/ (report.md, results.json, PNGs) "
+          f"in {results['seconds']:.0f} s; effective context: {results['ablation']['effective_context']}")
+    return results
 
 
 def evaluate(config, workdir: str, **_) -> dict:
@@ -66,4 +82,5 @@ def _fill_mask(trained, prompt: str, top_k: int) -> list:
     return tables
 
 
-MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench.run_bench}
+MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench.run_bench,
+                  "analyze": analyze}

@@ -1,0 +1,241 @@
+"""``--mode=analyze --workdir=RUN``: the long-range analyses of ONE trained run, written beside it.
+
+:func:`analyze_run` loads the run's latest checkpoint, rebuilds its dataset (same config, same tokenizer)
+and runs on its validation split:
+
+1. gradient sensitivity (``analysis.sensitivity``): S over ``analysis.num_sequences`` validation windows at
+   16 target positions (the last ones for causal models, the middle ones for bert/elmo, so both sides are
+   seen), folded by distance; plus the full inputs x outputs map on the first 16 windows (Graves' heat map);
+2. context ablation (``analysis.context``): loss at the last token with the context beyond d dropped,
+   shuffled and randomised, d on a log grid, over ``analysis.num_windows`` windows; the effective context
+   at ``analysis.tolerance`` for each mode;
+3. attention maps (``analysis.attention_maps``, gpt and bert only) of ``analysis.attention_text`` (or the
+   first tokens of the validation split): a layers x heads PNG grid and the offline HTML head view.
+
+Outputs: RUN/analysis/{results.json, sensitivity.png, sensitivity_heatmap.png, ablation.png,
+attention.png, head_view.html, report.md}, and TensorBoard images/scalars under ``analysis/*`` in RUN (at
+the checkpoint's step).  Synthetic-task runs have no text to ablate: their ablation and sensitivity use
+the task's held-out examples the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from jaxlm import config as config_lib, data, metric_writer, runs
+from jaxlm.analysis import apply, attention_maps, context, plots, sensitivity
+from jaxlm.errors import UserError
+
+ABLATION_MODES = context.MODES
+SENSITIVITY_ROWS = 16          # target positions averaged per distance (x num_sequences windows)
+HEATMAP_SEQUENCES = 16         # windows averaged for the inputs x outputs map
+ATTENTION_TOKENS = 48          # tokens of the attention text shown (the head view is unreadable beyond)
+REPORT_DISTANCES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _apply_overrides(config, overrides) -> None:
+    """{"analysis.num_windows": 1024, ...} -> set on the ConfigDict (unknown keys are an error)."""
+    for key, value in (overrides or {}).items():
+        section = config
+        *parents, leaf = key.split(".")
+        try:
+            for p in parents:
+                section = section[p]
+            if leaf not in section:
+                raise KeyError(key)
+        except (KeyError, TypeError):
+            raise UserError(f"unknown config key {key!r} in analysis overrides: see jaxlm/config.py") from None
+        section[leaf] = value
+
+
+def validation_windows(dataset, count: int, length: int) -> np.ndarray:
+    """``count`` windows int32 [count, length] evenly spread over the validation split (synthetic: held-out
+    examples), the same on every call."""
+    batch = min(count, 256)
+    batches = dataset.eval_batches(batch, math.ceil(count / batch))
+    windows = np.concatenate([b["tokens"] for b in batches])[:count]
+    return windows[:, -length:]
+
+
+def sensitivity_positions(kind: str, length: int, rows: int = SENSITIVITY_ROWS) -> np.ndarray:
+    """Target rows for the distance curve: the last ``rows`` scorable positions (causal) or the middle ones."""
+    if kind == "causal":
+        return np.arange(max(0, length - 1 - rows), length - 1)
+    start = max(1, length // 2 - rows // 2)
+    return np.arange(start, min(length - 1, start + rows))
+
+
+def run_sensitivity(graphdef, params, windows, *, kind: str, mask_id, out_dir: str | None) -> tuple[dict, np.ndarray]:
+    """Sensitivity by distance over ``windows`` [N, L] (tokens) and the heat map of the first ones."""
+    length = windows.shape[1]
+    positions = sensitivity_positions(kind, length)
+    s = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions, mask_id=mask_id)
+    two_sided = kind != "causal"
+    dist, mean, std = sensitivity.sensitivity_by_distance(s, target_positions=positions, bidirectional=two_sided)
+    result = {"distances": dist.tolist(), "mean": mean.tolist(), "std": std.tolist(),
+              "target_positions": positions.tolist(), "num_sequences": int(len(windows))}
+    result["relative"] = relative_at(dist, mean, side=1)
+    if two_sided:
+        result["relative_right"] = relative_at(dist, mean, side=-1)
+    heat = sensitivity.gradient_sensitivity(graphdef, params, windows[:HEATMAP_SEQUENCES], mask_id=mask_id)
+    result["heatmap_shape"] = list(heat.shape)
+    if out_dir:
+        np.save(os.path.join(out_dir, "sensitivity_map.npy"), heat)
+    return result, heat
+
+
+def relative_at(distances, mean, *, side: int = 1) -> dict:
+    """{d: S(d)/S(1)} at the report distances present (side=-1: inputs after the target, d = -1, -2, ...)."""
+    distances, mean = np.asarray(distances), np.asarray(mean)
+    ref = mean[distances == side]
+    if not ref.size or ref[0] <= 0:
+        return {}
+    return {str(d): float(mean[distances == side * d][0] / ref[0])
+            for d in REPORT_DISTANCES if np.any(distances == side * d)}
+
+
+def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: float, seed: int) -> dict:
+    """{"grid", "losses": {mode: {d: [mean, stderr]}}, "effective_context": {mode: d}} over windows [N, L+1]."""
+    grid = context.distance_grid(windows.shape[1] - 1)
+    losses, effective = {}, {}
+    for mode in modes:
+        res = context.context_ablation(graphdef, params, windows, distances=grid, mode=mode, tokenizer=tokenizer,
+                                       seed=seed)
+        losses[mode] = {str(d): [m, e] for d, (m, e) in res.items()}
+        effective[mode] = context.effective_context(res, tolerance)
+    return {"grid": grid, "losses": losses, "effective_context": effective, "tolerance": tolerance,
+            "num_windows": int(len(windows)), "full_context_loss": losses[modes[0]][str(grid[-1])][0]}
+
+
+def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarray:
+    """The tokens whose attention is drawn: analysis.attention_text, else the start of the valid split."""
+    text = config.analysis.attention_text
+    ids = tokenizer.encode(text) if text else np.asarray(dataset.valid_tokens)
+    ids = np.asarray(ids, np.int32)[:min(ATTENTION_TOKENS, max_len)]
+    if len(ids) < 2:
+        raise UserError(f"invalid analysis.attention_text={text!r}: needs at least 2 tokens")
+    return ids
+
+
+def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABLATION_MODES,
+                attention: bool = True, write_tensorboard: bool = True) -> dict:
+    """Run sensitivity, context ablation and attention maps on the trained run in ``workdir``.
+
+    Args:
+      workdir: a run directory with a checkpoint (``jaxlm.runs.load``).
+      config_overrides: flat {"analysis.num_windows": 1024, ...} applied to the run's saved config.
+      modes: context-ablation modes (default all three); attention: draw attention maps (transformers).
+    Returns:
+      the dict written to RUN/analysis/results.json.
+    """
+    start = time.time()
+    trained = runs.load(workdir)
+    config = trained.config
+    _apply_overrides(config, config_overrides)
+    dataset = data.build_dataset(config, workdir)
+    tokenizer = trained.tokenizer
+    kind = apply.kind_of(trained.graphdef, trained.params, config_lib.objective_name(config))
+    out_dir = os.path.join(workdir, "analysis")
+    os.makedirs(out_dir, exist_ok=True)
+    a = config.analysis
+    seq_len = config.data.seq_len
+    # bert predicts the ablation target from a [MASK] appended after the context: keep it within max_len
+    context_len = min(seq_len, config.model.max_len - 1) if kind == "masked" else seq_len
+    results = {"workdir": workdir, "model": config.model.name, "kind": kind, "step": trained.step,
+               "data_source": config.data.source, "seq_len": seq_len}
+
+    windows = validation_windows(dataset, a.num_sequences, seq_len)
+    results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, kind=kind,
+                                                   mask_id=tokenizer.mask_id, out_dir=out_dir)
+    ablation_windows = validation_windows(dataset, a.num_windows, context_len + 1)
+    results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,
+                                       modes=tuple(modes), tolerance=a.tolerance, seed=config.seed)
+    images = _figures(results, heat, out_dir)
+    if attention and config.model.name in ("gpt", "bert"):
+        ids = attention_text_tokens(config, tokenizer, dataset, config.model.max_len)
+        weights = attention_maps.attention_weights(trained.graphdef, trained.params, ids)
+        strings = attention_maps.token_strings(tokenizer, ids)
+        png = plots.attention_grid(weights, strings, path=os.path.join(out_dir, "attention.png"))
+        images["attention"] = png
+        attention_maps.save_head_view(os.path.join(out_dir, "head_view.html"), strings, weights,
+                                      title=f"{config.model.name} ({workdir}), step {trained.step}")
+        results["attention"] = {"tokens": strings, "shape": list(weights.shape),
+                                "mean_distance": _mean_attention_distance(weights).tolist()}
+    results["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(run_report(results, sorted(images)))
+    if write_tensorboard:
+        _write_tensorboard(workdir, trained.step, results, images)
+    return results
+
+
+def _mean_attention_distance(weights) -> np.ndarray:
+    """[L, H]: the attention-weighted mean |query - key| distance (how far each head looks)."""
+    w = np.asarray(weights, np.float64)
+    t = w.shape[-1]
+    dist = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
+    return np.einsum("lhqk,qk->lh", w, dist) / t
+
+
+def _figures(results: dict, heat: np.ndarray, out_dir: str) -> dict:
+    """PNG files in out_dir; returns {name: png bytes}."""
+    s = results["sensitivity"]
+    name = results["model"]
+    images = {
+        "sensitivity": plots.sensitivity_vs_distance({name: (np.array(s["distances"]), np.array(s["mean"]),
+                                                             np.array(s["std"]))},
+                                                     path=os.path.join(out_dir, "sensitivity.png")),
+        "sensitivity_heatmap": plots.sensitivity_heatmap(heat, path=os.path.join(out_dir, "sensitivity_heatmap.png"),
+                                                         title=f"{name}: sensitivity of outputs to inputs"),
+    }
+    curves = {mode: {int(d): tuple(v) for d, v in pts.items()} for mode, pts in results["ablation"]["losses"].items()}
+    images["ablation"] = plots.ablation_curves(curves, title=f"{name}: context ablation",
+                                               path=os.path.join(out_dir, "ablation.png"))
+    return images
+
+
+def _write_tensorboard(workdir: str, step: int, results: dict, images: dict) -> None:
+    writer = metric_writer.MetricWriter(workdir, console=False)
+    try:
+        for tag, png in images.items():
+            writer.write_image(step, f"analysis/{tag}", plots.png_to_array(png))
+        scalars = {f"analysis/effective_context_{m}": v for m, v in results["ablation"]["effective_context"].items()}
+        scalars.update({f"analysis/sensitivity_rel_d{d}": v for d, v in results["sensitivity"]["relative"].items()})
+        scalars["analysis/full_context_loss"] = results["ablation"]["full_context_loss"]
+        writer.write_scalars(step, scalars)
+        writer.write_text(step, "analysis/report", run_report(results, sorted(images)))
+    finally:
+        writer.close()
+
+
+def run_report(results: dict, images) -> str:
+    """A short Markdown summary of one run's analysis."""
+    s, ab = results["sensitivity"], results["ablation"]
+    lines = [f"# Long-range analysis of {results['workdir']}", "",
+             f"Model **{results['model']}** ({results['kind']}), step {results['step']}, data {results['data_source']}, "
+             f"seq_len {results['seq_len']}.", "",
+             f"## Gradient sensitivity ({s['num_sequences']} sequences, {len(s['target_positions'])} target positions)",
+             "", "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),
+             "|---|---|" + ("---|" if "relative_right" in s else "")]
+    for d, v in s["relative"].items():
+        right = s.get("relative_right", {}).get(d)
+        lines.append(f"| {d} | {v:.3g} |" + (f" {right:.3g} |" if "relative_right" in s and right is not None else
+                                              (" |" if "relative_right" in s else "")))
+    lines += ["", f"## Context ablation ({ab['num_windows']} windows; effective context = smallest d within "
+              f"{100 * ab['tolerance']:g}% of the best loss)", "",
+              "| mode | effective context | " + " | ".join(f"d={d}" for d in ab["grid"]) + " |",
+              "|---|---|" + "---|" * len(ab["grid"])]
+    for mode, pts in ab["losses"].items():
+        cells = " | ".join(f"{pts[str(d)][0]:.3f} ± {pts[str(d)][1]:.3f}" for d in ab["grid"])
+        lines.append(f"| {mode} | {ab['effective_context'][mode]} | {cells} |")
+    lines += [""] + [f"![{name}]({name}.png)" for name in images]
+    if "attention" in results:
+        lines += ["", "Attention head view (offline): [head_view.html](head_view.html)"]
+    return "\n".join(lines) + "\n"

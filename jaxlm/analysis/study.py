@@ -1,0 +1,281 @@
+"""The long-range study: train rnn, lstm (two initialisations), elmo, gpt and bert at matched parameter counts,
+measure how each uses distant context, and write a report that checks the classic claims against the numbers.
+
+``python launch.py --config=experiments/long_range.py:quick --workdir=W`` (a config with a ``study`` section,
+routed here by ``jaxlm.modes.train``) runs two tasks:
+
+- ``lm``: character LM on the built-in corpus (windows of ``study.lm_seq_len``, every model from a zero state
+  on the same windows, so all see the same context), then per run :func:`jaxlm.analysis.hooks.analyze_run`:
+  gradient sensitivity by distance, context ablation (effective context), attention maps (transformers);
+- ``recall``: delayed recall (``synthetic:recall``, random-symbol fillers) trained at each distance d of
+  ``study.distances``; accuracy at d on held-out examples (``jaxlm.analysis.tasks``).
+
+Each run lives in ``W/<task>/<variant>/seed<k>`` and is a normal jaxlm run (``--mode=analyze`` and
+TensorBoard work on it).  A finished run (its ``study_run.json`` records the config it was trained with)
+is reused, not retrained; an interrupted one resumes from its checkpoint.
+
+Outputs in W: ``results.json`` (:data:`RESULT_FIELDS`), ``report.md`` (tables mean ± std over seeds, the
+plots, and for each literature claim the verdict computed from this run's numbers), the PNGs, and
+TensorBoard images/scalars under ``study/*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from jaxlm import config as config_lib, metric_writer, models, runs
+from jaxlm.analysis import hooks, plots, tasks
+from jaxlm.analysis import study_report
+from jaxlm.data import synthetic
+from jaxlm.errors import UserError
+from jaxlm.train import loop
+
+# variant -> model-config changes; the long-range LSTM initialisations after Tallec & Ollivier (2018) and
+# Gers et al. (2000) / Jozefowicz et al. (2015)
+VARIANTS = {
+    "rnn": {"name": "rnn"},
+    "lstm": {"name": "lstm", "forget_bias": 1.0, "lstm_init": "default"},
+    "lstm_fb3": {"name": "lstm", "forget_bias": 3.0, "lstm_init": "default"},
+    "lstm_chrono": {"name": "lstm", "lstm_init": "chrono"},
+    "elmo": {"name": "elmo"},
+    "gpt": {"name": "gpt"},
+    "bert": {"name": "bert"},
+}
+# sizes matched within ~10% of each other's parameter count (tests/analysis/test_study.py checks it)
+SIZES = {
+    "tiny": {   # ~0.11M parameters: the quick preset
+        "rnn": {"num_layers": 2, "d_model": 64, "hidden_size": 170},
+        "lstm": {"num_layers": 2, "d_model": 64, "hidden_size": 84},
+        "elmo": {"num_layers": 2, "d_model": 48, "hidden_size": 64},
+        "gpt": {"num_layers": 2, "d_model": 64, "num_heads": 4},
+        "bert": {"num_layers": 2, "d_model": 64, "num_heads": 4},
+    },
+    "char": {   # ~0.43M parameters: experiments/*_char.py
+        "rnn": {"num_layers": 2, "d_model": 128, "hidden_size": 330},
+        "lstm": {"num_layers": 2, "d_model": 128, "hidden_size": 160},
+        "elmo": {"num_layers": 2, "d_model": 96, "hidden_size": 120},
+        "gpt": {"num_layers": 2, "d_model": 128, "num_heads": 4},
+        "bert": {"num_layers": 2, "d_model": 128, "num_heads": 4},
+    },
+}
+TASKS = ("lm", "recall")
+RESULT_FIELDS = {
+    "lm": ("params", "eval_loss", "effective_context", "sensitivity", "ablation"),
+    "recall": ("params", "eval_loss", "accuracy", "stderr", "distance"),
+}
+MARKER = "study_run.json"
+
+
+def _csv(value, kind=str) -> list:
+    """"a,b" or a list/tuple -> [a, b]."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [kind(str(v).strip()) for v in items if str(v).strip()]
+
+
+def check_study(s) -> None:
+    """One-line UserError for a bad ``study`` section."""
+    for key in ("models", "lm_models"):
+        bad = [v for v in _csv(s[key]) if v not in VARIANTS]
+        if bad:
+            raise UserError(f"invalid study.{key}={s[key]!r}: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    if s.size not in SIZES:
+        raise UserError(f"invalid study.size={s.size!r}: choose from {', '.join(SIZES)}")
+    for key in ("seeds", "lm_seeds"):
+        if not isinstance(s[key], int) or s[key] < 0:
+            raise UserError(f"invalid study.{key}={s[key]!r}: must be an integer >= 0")
+    distances = _csv(s.distances, int)
+    if s.seeds and (not distances or min(distances) < 1):
+        raise UserError(f"invalid study.distances={s.distances!r}: comma-separated integers >= 1")
+    bad = [m for m in _csv(s.ablation_modes) if m not in hooks.ABLATION_MODES]
+    if bad:
+        raise UserError(f"invalid study.ablation_modes={s.ablation_modes!r}: choose from {', '.join(hooks.ABLATION_MODES)}")
+
+
+def _model_config(base, variant: str, size: str):
+    out = base.copy_and_resolve_references()
+    changes = dict(VARIANTS[variant])
+    name = changes["name"]
+    out.model.name = name
+    for key, value in {**SIZES[size][name], **changes}.items():
+        out.model[key] = value
+    return out
+
+
+def _common(config, s, seed: int, steps: int, batch_size: int):
+    """Training settings shared by both tasks: no periodic eval/samples, one checkpoint at the end."""
+    config.seed = int(seed)
+    config.train.steps = int(steps)
+    config.train.batch_size = int(batch_size)
+    config.train.eval_every = config.train.checkpoint_every = int(steps)
+    config.train.log_every = min(25, int(steps))
+    config.train.sample_length = 0
+    config.train.stateful = False
+    config.train.eval_batches = int(s.eval_batches)
+    config.train.keep_checkpoints = 1
+    config.optim.learning_rate = float(s.learning_rate)
+    config.optim.warmup_steps = min(int(s.warmup_steps), int(steps) // 2)
+    config.model.dropout = 0.0
+    return config
+
+
+def lm_config(base, s, variant: str, seed: int):
+    """The character-LM run of ``variant`` (built-in corpus, windows of study.lm_seq_len)."""
+    c = _model_config(base, variant, s.size)
+    c.data.source, c.data.tokenizer = "builtin", "chars"
+    c.data.seq_len = c.model.max_len = int(s.lm_seq_len)
+    c.data.max_corpus_bytes = int(s.lm_corpus_bytes)
+    c.objective.name = ""
+    c = _common(c, s, seed, s.lm_steps, s.lm_batch_size)
+    c.analysis.num_sequences, c.analysis.num_windows = int(s.num_sequences), int(s.num_windows)
+    c.analysis.tolerance = float(s.tolerance)
+    if c.model.name == "bert":
+        c.model.max_len = c.data.seq_len + 1   # the ablation appends a [MASK] after a full context
+    return c
+
+
+def recall_config(base, s, variant: str, seed: int, distance: int):
+    """Delayed recall at dependency distance ``distance`` (random-symbol fillers, seq_len = d + 3)."""
+    c = _model_config(base, variant, s.size)
+    c.data.source = "synthetic:recall"
+    c.data.distance, c.data.num_symbols, c.data.filler = int(distance), int(s.num_symbols), s.filler
+    c.data.seq_len = c.model.max_len = synthetic.min_seq_len("recall", int(distance))
+    c.objective.name = ""
+    return _common(c, s, seed, s.recall_steps, s.recall_batch_size)
+
+
+def _finished(workdir: str, config) -> dict | None:
+    """The recorded result of a finished run trained with exactly ``config``, else None."""
+    path = os.path.join(workdir, MARKER)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved["result"] if saved.get("config") == config.to_dict() else None
+
+
+def _record(workdir: str, config, result: dict) -> None:
+    with open(os.path.join(workdir, MARKER + ".tmp"), "w") as f:
+        json.dump({"config": config.to_dict(), "result": result}, f, indent=2)
+    os.replace(os.path.join(workdir, MARKER + ".tmp"), os.path.join(workdir, MARKER))
+
+
+def run_lm(config, workdir: str, s, *, attention: bool) -> dict:
+    """Train (or resume) one LM run and analyse it."""
+    start = time.time()
+    metrics = loop.train(config, workdir)
+    trained_s = time.time() - start
+    analysis = hooks.analyze_run(workdir, modes=_csv(s.ablation_modes), attention=attention)
+    sens = analysis["sensitivity"]
+    return {"params": _params(config, workdir), "eval_loss": metrics["eval/loss"],
+            "effective_context": analysis["ablation"]["effective_context"],
+            "sensitivity": {"distances": sens["distances"], "mean": sens["mean"], "relative": sens["relative"],
+                            **({"relative_right": sens["relative_right"]} if "relative_right" in sens else {})},
+            "ablation": analysis["ablation"]["losses"], "ablation_grid": analysis["ablation"]["grid"],
+            "train_seconds": round(trained_s, 1), "analysis_seconds": analysis["seconds"]}
+
+
+def run_recall(config, workdir: str, s) -> dict:
+    """Train (or resume) one recall run; answer accuracy on held-out examples at its distance."""
+    start = time.time()
+    metrics = loop.train(config, workdir)
+    trained = runs.load(workdir)
+    d = int(config.data.distance)
+    acc = tasks.run_accuracy_at_distance(trained, [d], num_batches=int(s.probe_batches), batch_size=64)[d]
+    return {"params": _params(config, workdir), "eval_loss": metrics["eval/loss"], "distance": d,
+            "accuracy": acc["accuracy"], "stderr": acc["stderr"], "num_answers": acc["num_answers"],
+            "train_seconds": round(time.time() - start, 1)}
+
+
+def _params(config, workdir: str) -> int:
+    trained = runs.load(workdir)
+    return models.count_params(trained.params)
+
+
+def plan(config) -> list[tuple[str, str, int, int | None, object]]:
+    """Every run of the study: (task, variant, seed, distance or None, run config)."""
+    s = config.study
+    out = []
+    for variant in _csv(s.lm_models):
+        for seed in range(s.lm_seeds):
+            out.append(("lm", variant, seed, None, lm_config(config, s, variant, seed)))
+    for d in _csv(s.distances, int):
+        for variant in _csv(s.models):
+            for seed in range(s.seeds):
+                out.append(("recall", variant, seed, d, recall_config(config, s, variant, seed, d)))
+    return out
+
+
+def run_dir(root: str, task: str, variant: str, seed: int, distance: int | None) -> str:
+    sub = f"{task}_d{distance}" if distance is not None else task
+    return os.path.join(root, sub, variant, f"seed{seed}")
+
+
+def run_study(config, workdir: str) -> dict:
+    """Run (or reuse) every run of the plan, then write W/results.json, W/report.md, plots and TensorBoard."""
+    s = config.study
+    check_study(s)
+    start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    results = {"lm": {}, "recall": {}}
+    todo = plan(config)
+    for i, (task, variant, seed, d, run_cfg) in enumerate(todo, 1):
+        config_lib.validate(run_cfg)
+        path = run_dir(workdir, task, variant, seed, d)
+        result = _finished(path, run_cfg)
+        what = f"[study {i}/{len(todo)}] {task}{'' if d is None else f' d={d}'} {variant} seed {seed}"
+        if result is None:
+            print(f"{what}: training in {path}", flush=True)
+            result = (run_lm(run_cfg, path, s, attention=bool(s.attention) and seed == 0) if task == "lm"
+                      else run_recall(run_cfg, path, s))
+            _record(path, run_cfg, result)
+        else:
+            print(f"{what}: reusing the finished run in {path}", flush=True)
+        result["workdir"] = os.path.relpath(path, workdir)
+        bucket = results[task].setdefault(variant, {})
+        if task == "lm":
+            bucket[f"seed{seed}"] = result
+        else:
+            bucket.setdefault(f"seed{seed}", {})[str(d)] = result
+    summary = study_report.summarize(results, config)
+    out = {"config": config.study.to_dict(), "tolerance": float(s.tolerance),
+           "chance": 1.0 / int(s.num_symbols), "runs": results, "summary": summary,
+           "seconds": round(time.time() - start, 1)}
+    images = study_report.figures(results, summary, out, workdir)
+    out["findings"] = study_report.findings(summary, out)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(study_report.report(out, images))
+    _tensorboard(workdir, out, images)
+    print(f"study done in {out['seconds']:.0f} s: {workdir}/report.md, {workdir}/results.json", flush=True)
+    return out
+
+
+def _tensorboard(workdir: str, out: dict, images: dict) -> None:
+    writer = metric_writer.MetricWriter(workdir, console=False)
+    try:
+        for name, png in images.items():
+            writer.write_image(0, f"study/{name}", plots.png_to_array(png))
+        scalars = {}
+        for variant, row in out["summary"]["lm"].items():
+            for mode, (mean, _) in row["effective_context"].items():
+                scalars[f"study/effective_context_{mode}/{variant}"] = mean
+            scalars[f"study/lm_eval_loss/{variant}"] = row["eval_loss"][0]
+        for variant, row in out["summary"]["recall"].items():
+            for d, (mean, _) in row["accuracy"].items():
+                scalars[f"study/recall_accuracy_d{d}/{variant}"] = mean
+        writer.write_scalars(0, scalars)
+        writer.write_text(0, "study/report", study_report.report(out, images))
+    finally:
+        writer.close()
+
+
+def mean_std(values) -> tuple[float, float]:
+    """(mean, std over seeds; 0 for one seed)."""
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
