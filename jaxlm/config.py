@@ -29,6 +29,9 @@ SOURCE_KINDS = ("builtin", "text", "jsonl", "synthetic")
 # with the saved one is an error that names the differing keys").  Everything else may change on resume.
 RESUME_SENSITIVE_PREFIXES = ("model.", "data.tokenizer", "data.vocab_size", "data.source", "objective.name",
                              "data.seq_len", "seed", "train.batch_size", "train.stateful")
+# Keys whose change between zero and non-zero changes the optimizer state's structure (optim.make_optimizer
+# adds the clipping transform only when grad_clip > 0), so no saved step could be restored.
+RESUME_SENSITIVE_WHEN_TOGGLED = ("optim.grad_clip",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -234,5 +237,6 @@ def load(workdir: str) -> ml_collections.ConfigDict:
 def resume_conflicts(saved, current) -> list[str]:
     """Keys that differ between a workdir's saved config and the current one and would corrupt a resume."""
     a, b = flatten(saved), flatten(current)
-    return sorted(k for k in set(a) | set(b)
-                  if k.startswith(RESUME_SENSITIVE_PREFIXES) and a.get(k) != b.get(k))
+    changed = {k for k in set(a) | set(b) if k.startswith(RESUME_SENSITIVE_PREFIXES) and a.get(k) != b.get(k)}
+    changed |= {k for k in RESUME_SENSITIVE_WHEN_TOGGLED if (a.get(k, 0) > 0) != (b.get(k, 0) > 0)}
+    return sorted(changed)
