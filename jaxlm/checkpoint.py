@@ -150,7 +150,8 @@ class Checkpointer:
             then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier step"
             log.warning("checkpoint step %d in %s is unusable (%s); %s", step, self.directory, reason, then)
         raise UserError(f"no usable checkpoint in {self.directory}: steps {sorted(steps)} all fail to restore "
-                        f"({first_error}); move that directory away to start from scratch")
+                        f"({first_error}); move that directory away, or train with --restart (sets the old run aside), "
+                        "to start from scratch")
 
     def close(self) -> None:
         """Waits for the save in flight, then releases Orbax's threads. Idempotent."""
