@@ -9,9 +9,11 @@ The LSTM recurrence has two implementations with the same forward function:
   * :func:`lstm_scan_reference`: the straightforward scan, differentiated by JAX autodiff;
   * :func:`lstm_scan_fused` (default): a `jax.custom_vjp` whose backward pass is a reverse scan that
     carries only (dh, dc) and emits the per-step gate gradients; dW_hh (and dW_p) are then one large
-    matmul over all steps after the loop, as cuDNN and oneDNN do.  On a 2-core CPU this was measured
-    +45-54% faster than autodiff of the scan (shared/bench/README.md).  It supports reverse mode
-    (grad, vjp, jacrev) but not forward mode (jvp, jacfwd): build the model with `fused=False` for that.
+    matmul over all steps after the loop, as cuDNN and oneDNN do (this design measured +45-54% over
+    autodiff of the scan on the 2-core CPU in shared/bench/README.md).  Tests check it equals the
+    reference (outputs and gradients).  It supports reverse mode (grad, vjp, jacrev) but not forward
+    mode (jvp, jacfwd): build the model with `fused=False` for that.
+The Elman RNN uses plain autodiff of its scan.
 """
 
 from __future__ import annotations
@@ -169,8 +171,8 @@ def lstm_bias_init(key, hidden: int, *, forget_bias: float = 1.0, lstm_init: str
     do not vanish at the start of training (Gers et al. 2000; Jozefowicz et al. 2015 found it closes
     most of the gap to the GRU).
     "chrono": b_f ~ log(U(1, T_max - 1)), b_i = -b_f, with T_max = max_len (Tallec & Ollivier 2018):
-    the forget gates' characteristic memory times 1/(1 - f) ~ spread over the range of dependencies
-    the model must learn.  `forget_bias` is ignored then.
+    each unit's forgetting time 1/(1 - sigmoid(b_f)) = 1 + exp(b_f) is then spread uniformly over
+    [2, T_max], the range of dependencies the model may need.  `forget_bias` is ignored then.
     """
     zeros = jnp.zeros((hidden,), jnp.float32)
     if lstm_init == "chrono":
