@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from jaxlm import bench, config as config_lib, generate, runs
+from jaxlm import bench, config as config_lib, features, generate, runs
 from jaxlm.analysis import hooks, study
 from jaxlm.errors import UserError
 from jaxlm.train import loop
