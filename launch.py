@@ -90,6 +90,18 @@ def _parse_flags(argv):
         _die(f"could not load --config: {type(e).__name__}: {e}")
 
 
+def _check_workdir(workdir: str) -> None:
+    """--workdir must be a directory or a path one can create (not a file, nor below one)."""
+    if not workdir.strip():
+        _die("--workdir='' is empty; give a directory")
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(workdir) else f"is below the file {path}"
+        _die(f"--workdir={workdir!r} {where}; give a directory")
+
+
 def _experiments() -> list[str]:
     folder = os.path.join(HERE, "experiments")
     return sorted(f"experiments/{n}" for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_"))
@@ -140,6 +152,7 @@ def main(argv) -> int:
             _die(f"--mode={mode} needs --workdir=RUN (a directory a training run wrote)")
         workdir = _default_workdir(argv) if mode == "train" else os.path.join(
             "runs", f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_workdir(workdir)
 
     import jaxlm
     from jaxlm import config as config_lib
@@ -159,7 +172,7 @@ def main(argv) -> int:
     except DivergedError as e:
         _die(e, 3)
     except (Interrupted, KeyboardInterrupt) as e:
-        _die(e or "interrupted", 130)
+        _die(str(e) or "interrupted (Ctrl-C): stopped at once; the last complete checkpoint is kept", 130)
     if mode == "train":
         print(f"done. Watch it in TensorBoard:  tensorboard --logdir {os.path.dirname(workdir) or workdir} "
               "--host 127.0.0.1   (then open http://127.0.0.1:6006)")
