@@ -240,15 +240,18 @@ def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) 
     process of the run stops responding, instead of leaving it blocked in a collective that never completes.
 
     Every `interval` s each process bumps its own counter in the coordination service's key-value store and
-    reads the others'.  A peer whose counter has not moved for `timeout` s (JAXLM_PEER_TIMEOUT, default 30) is
-    taken as dead; losing the coordination service itself (process 0 died) is detected the same way.
-    Uses os._exit: the main thread may be stuck in a collective, and a normal exit would wait for it.
+    reads the others'.  A peer whose counter has not moved for `timeout` s (JAXLM_PEER_TIMEOUT, default 60: long
+    enough for a GIL-holding stretch of Python in a healthy peer) is taken as dead.  When process 0 (which hosts
+    JAX's coordination service) dies, JAX itself aborts the others at once with "Terminating process because
+    the JAX distributed service detected fatal errors ... another task died".
+    Uses os._exit: the main thread may be stuck in a collective, and a normal exit would wait for it (then
+    abort at JAX's shutdown barrier after heartbeat_timeout_seconds).
     """
     from jax._src import distributed
     client = distributed.global_state.client
     if client is None or jax.process_count() < 2:
         return None
-    timeout = float(os.environ.get("JAXLM_PEER_TIMEOUT", 30)) if timeout is None else timeout
+    timeout = float(os.environ.get("JAXLM_PEER_TIMEOUT", 60)) if timeout is None else timeout
     me, n = jax.process_index(), jax.process_count()
 
     def lost(message: str):

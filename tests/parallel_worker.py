@@ -1,0 +1,123 @@
+"""Subprocess half of tests/test_parallel.py: runs with 8 simulated CPU devices (XLA_FLAGS set by the caller).
+
+  python tests/parallel_worker.py strategies OUT.npz
+
+Trains the same tiny GPT (AdamW) for 5 steps on the same batches under every placement: 1 device, jit over 8,
+fsdp=4 (mesh 2 x 4), pmap over 8, and jit over 8 with 2 accumulated micro-batches.  Saves per-step
+(loss, grad_norm), the final parameters and optimizer state, and for fsdp how many parameter / optimizer
+elements one device holds, for the test to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxlm import config as config_lib, models, parallel  # noqa: E402
+from jaxlm.train import optim, state as state_lib, step as step_lib  # noqa: E402
+
+VOCAB = 40
+STEPS = 5
+
+
+def tiny_config(**overrides):
+    c = config_lib.default_config()
+    c.model.name = "gpt"
+    c.model.num_layers = 2
+    c.model.d_model = 32
+    c.model.num_heads = 2
+    c.model.max_len = 16
+    c.data.seq_len = 16
+    c.train.batch_size = 16
+    c.train.steps = 100
+    c.optim.warmup_steps = 0
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def tokenizer():
+    return types.SimpleNamespace(vocab_size=VOCAB, mask_id=VOCAB - 5, special_ids=tuple(range(VOCAB - 6, VOCAB)))
+
+
+def batches(config, steps=STEPS):
+    rng = np.random.default_rng(0)
+    return [{"tokens": rng.integers(0, VOCAB - 6, (config.train.batch_size, config.data.seq_len + 1)).astype(np.int32)}
+            for _ in range(steps)]
+
+
+def build(config, *, devices=None, fsdp=1):
+    """(DataParallel, host TrainState) for `config` on `devices`."""
+    model = models.build_model(config.model, VOCAB, config.seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed))
+    axis = parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None
+    spec = step_lib.StepSpec.from_config(config, graphdef, tx, tokenizer(), axis_name=axis)
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=fsdp, devices=devices)
+    return dp, host_state
+
+
+def train(config, data, *, devices=None, fsdp=1):
+    """Per-step losses and the final host state after training on `data`."""
+    dp, host_state = build(config, devices=devices, fsdp=fsdp)
+    state = dp.place_state(host_state)
+    losses = []
+    for batch in data:
+        state, metrics = dp.train_step(state, dp.place_batch(batch))
+        m = jax.device_get(metrics)
+        losses.append((m["train/loss"], m["train/grad_norm"]))
+    return np.array(losses), dp.to_host(state), dp, state
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def strategies(out: str):
+    assert jax.device_count() == 8, jax.devices()
+    jax.config.update("jax_default_matmul_precision", "highest")
+    results = {}
+    config = tiny_config()
+    data = batches(config)
+    runs = {
+        "one": dict(devices=jax.devices()[:1]),
+        "jit8": {},
+        "fsdp4": dict(fsdp=4),
+    }
+    for name, kwargs in runs.items():
+        losses, host, dp, state = train(config, data, **kwargs)
+        results[f"{name}/losses"] = losses
+        for k, v in flat(host.params).items():
+            results[f"{name}/params{k}"] = v
+        for k, v in flat(host.opt_state).items():
+            results[f"{name}/opt{k}"] = v
+        if name.startswith("fsdp"):   # the largest per-device piece of the params and of the optimizer state
+            for part in ("params", "opt_state"):
+                tree = getattr(state, part)
+                results[f"{name}/{part}_local_elems"] = np.array(sum(
+                    leaf.addressable_shards[0].data.size for leaf in jax.tree.leaves(tree)))
+                results[f"{name}/{part}_elems"] = np.array(sum(leaf.size for leaf in jax.tree.leaves(tree)))
+    pconfig = tiny_config(**{"parallel.strategy": "pmap"})
+    losses, host, _, _ = train(pconfig, data)
+    results["pmap8/losses"] = losses
+    for k, v in flat(host.params).items():
+        results[f"pmap8/params{k}"] = v
+    aconfig = tiny_config(**{"train.grad_accum_steps": 2})
+    losses, host, _, _ = train(aconfig, data)
+    results["accum8/losses"] = losses
+    for k, v in flat(host.params).items():
+        results[f"accum8/params{k}"] = v
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    {"strategies": strategies}[sys.argv[1]](*sys.argv[2:])
