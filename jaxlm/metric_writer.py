@@ -44,7 +44,8 @@ class MetricWriter:
     (TensorBoard reads them all as one run).
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int = 0, console: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int = 0, console: bool = True,
+                 resume_step: int | None = None):
         self._enabled = enabled
         self._console_on = enabled and console
         self._total = int(total_steps)
@@ -58,6 +59,8 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, METRICS_FILE)
+        if resume_step is not None and os.path.exists(path):
+            _drop_rows_after(path, resume_step)
         needs_newline = os.path.exists(path) and os.path.getsize(path) > 0 and _last_byte(path) != b"\n"
         self._jsonl = open(path, "a", encoding="utf-8")
         if needs_newline:  # a run killed mid-line: start our lines on a fresh one
@@ -205,6 +208,24 @@ def read_metrics_jsonl(workdir: str) -> list[dict]:
                 continue
             rows.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()})
     return rows
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Resume from a checkpoint at `step`: forget rows logged after it (the steps are about to be replayed),
+    and any line a kill cut short, so metrics.jsonl reads like the log of an uninterrupted run."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:
+            continue
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _last_byte(path):

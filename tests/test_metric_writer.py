@@ -155,3 +155,18 @@ def test_bad_image_is_rejected(tmp_path):
             assert "uint8" in str(e)
         else:
             raise AssertionError("float image accepted")
+
+
+def test_resume_forgets_rows_after_the_checkpoint_step(tmp_path):
+    """A run killed at step 30 after a checkpoint at 20 replays 21..30: their old rows must not stay twice."""
+    w = metric_writer.MetricWriter(str(tmp_path), console=False)
+    for step in (10, 20, 30):
+        w.write_scalars(step, {"train/loss": float(step)})
+    w.close()
+    with open(tmp_path / metric_writer.METRICS_FILE, "a") as f:
+        f.write('{"step": 40, "train/lo')           # a line cut by kill -9
+    w = metric_writer.MetricWriter(str(tmp_path), console=False, resume_step=20)
+    w.write_scalars(30, {"train/loss": 3.0})
+    w.close()
+    rows = metric_writer.read_metrics_jsonl(str(tmp_path))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(10, 10.0), (20, 20.0), (30, 3.0)]

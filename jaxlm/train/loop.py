@@ -72,7 +72,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     if jax.process_index() == 0 and for_training:
         config_lib.save(config, workdir)
     writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0 and for_training,
-                                        total_steps=config.train.steps)
+                                        total_steps=config.train.steps, resume_step=int(start_step))
     flops = models.FLOPS_PER_TOKEN[config.model.name](config.model, dataset.tokenizer.vocab_size, config.data.seq_len)
     return Run(config=config, workdir=workdir, dataset=dataset, graphdef=graphdef, spec=spec, dp=dp,
                checkpointer=checkpointer, writer=writer, state=dp.place_state(host_state), start_step=int(start_step),
