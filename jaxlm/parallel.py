@@ -110,19 +110,13 @@ class DataParallel:
     # ---- placement -------------------------------------------------------------------------------------
 
     def place_state(self, state):
-        """Host state (numpy or single-device arrays, the whole state on every process) -> the device layout
-        of the wrapped step.  The carry holds this process's rows only (as `place_carry`)."""
+        """Host state (numpy or single-device arrays: the whole state, carry included, on every process, as
+        `to_host` returns it) -> the device layout of the wrapped step."""
         if self.strategy == "pmap":
             n = len(self.local_devices)
-            carry = state.carry
             rep = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state.replace(carry=None))
-            if carry is not None:
-                carry = jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *x.shape[1:]), carry)
-            return rep.replace(carry=carry)   # pmap transfers [devices, ...] host arrays itself
-        host = state.replace(carry=None)
-        shardings = self.state_shardings(host)
-        placed = jax.tree.map(_global_from_full_copy, host, shardings)
-        return placed.replace(carry=self.place_carry(state.carry))
+            return rep.replace(carry=self.place_carry(jax.tree.map(_process_rows, state.carry)))
+        return jax.tree.map(_global_from_full_copy, state, self.state_shardings(state))
 
     def abstract_state(self, state):
         """ShapeDtypeStructs of the host state, for checkpoint restore (on one device; place_state follows)."""
@@ -132,7 +126,7 @@ class DataParallel:
         """The device state as numpy, one whole copy on every process (pmap's replicas collapsed, fsdp's
         parameter shards and the carry's row shards gathered, across processes too)."""
         if self.strategy == "pmap":
-            rest = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.replace(carry=None))
+            rest = jax.tree.map(_first_replica_host, state.replace(carry=None))
             carry = jax.tree.map(lambda x: _gather(x).reshape(-1, *x.shape[2:]), state.carry)
             return rest.replace(carry=carry)
         return jax.tree.map(_gather, state)
@@ -179,12 +173,26 @@ def _global_from_full_copy(x, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def _process_rows(x):
+    """This process's block of rows of a whole-batch host array (the rows its batches hold)."""
+    x = np.asarray(x)
+    rows = x.shape[0] // jax.process_count()
+    return x[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+
 def _gather(x):
     """A (possibly sharded, possibly multi-process) jax.Array -> its whole value as numpy, on every process."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.sharding.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _first_replica_host(x):
+    """One replica of a pmap'd value [local or global devices, ...] as numpy (this process's first device)."""
+    if isinstance(x, jax.Array):
+        return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+    return np.asarray(x)[0]
 
 
 def _first_replica(tree):
@@ -270,19 +278,21 @@ def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) 
             try:
                 client.key_value_set(f"jaxlm/heartbeat/{me}", str(beats), allow_overwrite=True)
                 for p, (value, since) in last_seen.items():
-                    got = client.key_value_try_get(f"jaxlm/heartbeat/{p}")
+                    try:
+                        got = client.key_value_try_get(f"jaxlm/heartbeat/{p}")
+                    except Exception as e:  # noqa: BLE001 - NOT_FOUND: no beat from p yet
+                        if "not_found" not in str(e).lower().replace(" ", "_"):
+                            raise
+                        got = None
                     if got != value:
                         last_seen[p] = (got, now)
                     elif now - since > timeout:
                         lost(f"process {p} stopped responding {now - since:.0f} s ago (killed or crashed?)")
                 rpc_failing_since = None
-            except Exception as e:  # noqa: BLE001 - NOT_FOUND before a peer's first beat is normal
-                if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
-                    pass
-                else:
-                    rpc_failing_since = rpc_failing_since or now
-                    if now - rpc_failing_since > min(timeout, 10.0):
-                        lost(f"lost the coordination service on process 0 ({' '.join(str(e).split())[:160]})")
+            except Exception as e:  # noqa: BLE001 - the coordination service itself is unreachable
+                rpc_failing_since = rpc_failing_since or now
+                if now - rpc_failing_since > min(timeout, 10.0):
+                    lost(f"lost the coordination service on process 0 ({' '.join(str(e).split())[:160]})")
             time.sleep(interval)
 
     thread = threading.Thread(target=watch, name="jaxlm-peer-watchdog", daemon=True)

@@ -2,6 +2,7 @@
 
 * the same 5 AdamW steps under 1 device, jit over 8, fsdp=4 (2 x 4 mesh), pmap over 8 and 2-way accumulation:
   same losses, gradient norms and parameters (relative 1e-5), and fsdp really splits params + optimizer state;
+* a stateful LSTM's carry (rows split like the batch) under 1 device, jit 8 and pmap 8;
 * 4 accumulated micro-batches of B/4 == one step of B;
 * through launch.py: 8 devices == 1 device; a checkpoint written on 8 devices resumes on 1 and vice versa
   and the continued run matches the uninterrupted one;
@@ -89,6 +90,14 @@ def test_fsdp_splits_params_and_optimizer_state(strategies):
     for part in ("params", "opt_state"):
         local, total = int(strategies[f"fsdp4/{part}_local_elems"]), int(strategies[f"fsdp4/{part}_elems"])
         assert local <= total / 4 + 16, (part, local, total)   # only scalars (Adam's count) are replicated
+
+
+@pytest.mark.parametrize("name", ["lstm_jit8", "lstm_pmap8"])
+def test_stateful_carry_follows_batch_rows(strategies, name):
+    assert _rel(strategies["lstm_one/losses"], strategies[f"{name}/losses"]) < RTOL
+    assert _rel(strategies["lstm_one/carry"], strategies[f"{name}/carry"]) < RTOL   # gathered in row order
+    assert np.abs(strategies["lstm_one/carry"]).max() > 0
+    assert _rel(strategies["lstm_one/after_restore"], strategies[f"{name}/after_restore"]) < RTOL
 
 
 def test_fsdp_spec_picks_largest_divisible_axis():
