@@ -11,8 +11,9 @@ resumed run is compared bitwise with one uninterrupted reference run.
 
 import glob
 import json
+import ast
 import os
-import resource
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.mo
         "--config.optim.schedule=constant", "--config.optim.warmup_steps=0", "--config.model.dropout=0.1"]
 
 _DRIVER = r'''
-"""Runs launch.py with a SIGKILL planted at JAXLM_FAULT = "POINT:STEP" (test-only; launch.py is unchanged)."""
+"""Runs launch.py with a fault planted at JAXLM_FAULT = "POINT:STEP" (test-only; launch.py is unchanged)."""
 import json, os, runpy, signal, sys
 sys.path.insert(0, os.environ["JAXLM_ROOT"])
 from jaxlm import checkpoint
@@ -53,6 +54,11 @@ def hooked_save(self, step, *args, **kwargs):
     if point == "before_save" and int(step) == target:
         wait(self)   # earlier saves complete: the kill lands between two saves
         die(self.directory)
+    if point == "replace_dir" and int(step) == target:   # not a kill: the directory stops being writable
+        wait(self)
+        os.rename(self.directory, self.directory + ".moved")
+        with open(self.directory, "w") as f:
+            f.write("a file where the checkpoint directory was")
     return save(self, step, *args, **kwargs)
 
 
@@ -80,13 +86,13 @@ def _env(extra=None):
     return dict(os.environ, JAX_PLATFORMS="cpu", JAXLM_ROOT=ROOT, **(extra or {}))
 
 
-def launch(*args, env=None, timeout=300, preexec_fn=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=_env(env), timeout=timeout, preexec_fn=preexec_fn)
+def launch(*args, env=None, timeout=300, prefix=()):
+    return subprocess.run([sys.executable, *prefix, os.path.join(ROOT, "launch.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=_env(env), timeout=timeout)
 
 
 def launch_with_fault(tmp_path, fault, *args):
-    """launch.py with a planted SIGKILL; returns (result, the marker the child wrote just before dying)."""
+    """launch.py with a planted fault; returns (result, the marker a killed child wrote just before dying)."""
     driver = tmp_path / "fault_driver.py"
     driver.write_text(_DRIVER)
     marker = tmp_path / f"marker-{fault.replace(':', '-')}.json"
@@ -280,6 +286,8 @@ def test_two_sigints_stop_at_once_with_exit_130(tmp_path, common):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("launch.py: error: interrupted"), err
     assert "Traceback" not in err, err
 
 
@@ -382,21 +390,35 @@ def test_skip_nonfinite_counts_skipped_steps_and_keeps_the_parameters(tmp_path, 
 
 # ---------------------------------------------------------------------------------------- failing writes
 
-def _small_file_limit():
-    """Files this process writes may not grow past 64 KiB: a simulated full disk (EFBIG), root or not."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+# Runs the rest of the command line with files limited to 64 KiB: a simulated full disk (EFBIG), root or not.
+_SMALL_FILES = ("-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def test_a_failing_checkpoint_write_is_a_clear_error_and_earlier_checkpoints_stay_readable(tmp_path, common, base8):
     workdir = copy_run(base8, tmp_path)
     r = launch(f"--workdir={workdir}", "--config.train.steps=16", "--nocompilation_cache", *common,
-               preexec_fn=_small_file_limit)
+               prefix=_SMALL_FILES)
     assert r.returncode == 2, r.stderr
     last = stderr_lines(r)[-1]
     assert last.startswith("launch.py: error: could not write checkpoint step 12") and "File too large" in last
     assert "Traceback" not in r.stderr, r.stderr
     assert checkpoint_steps(workdir) == [4, 8]
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))
+    assert_same_params(params_of(workdir), params_of(base8))
+
+
+def test_checkpoint_directory_replaced_by_a_file_mid_run_is_a_clear_error(tmp_path, common, base8):
+    workdir = copy_run(base8, tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    r, _ = launch_with_fault(tmp_path, "replace_dir:12", f"--workdir={workdir}", "--config.train.steps=16", *common)
+    assert r.returncode == 2, r.stderr
+    lines = stderr_lines(r)
+    assert lines[-1] == f"launch.py: error: could not write checkpoint step 12 to {ckpt_dir}: Not a directory"
+    assert "Traceback" not in r.stderr, r.stderr
+    os.remove(ckpt_dir)
+    os.rename(ckpt_dir + ".moved", ckpt_dir)   # the earlier checkpoints, untouched: the run resumes from them
+    assert checkpoint_steps(workdir) == [4, 8]
     assert_same_params(params_of(workdir), params_of(base8))
 
 
@@ -423,3 +445,86 @@ def test_resume_with_harmless_changes_continues(tmp_path, common, base8):
     assert r.returncode == 0, r.stderr
     assert "resuming from step 8" in r.stdout
     assert checkpoint_steps(workdir) == [8, 12]
+    (hint,) = [line for line in r.stdout.splitlines() if "tensorboard --logdir" in line]
+    assert "--host 127.0.0.1" in hint, hint
+
+
+# ----------------------------------------------------------------------------------------------- security
+
+_UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+_UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
+
+
+def _sources():
+    paths = [os.path.join(ROOT, "launch.py")]
+    for directory, _, files in os.walk(os.path.join(ROOT, "jaxlm")):
+        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
+    return sorted(paths)
+
+
+def test_nothing_is_unpickled_or_evaluated():
+    """Static: no pickle-family module, no eval/exec, no np.load/yaml.load/torch.load that could unpickle."""
+    problems = []
+    for path in _sources():
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        for node in ast.walk(tree):
+            where = f"{os.path.relpath(path, ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in _UNSAFE_MODULES]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _UNSAFE_MODULES:
+                problems.append(f"{where} imports from {node.module}")
+            elif isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                keywords = {k.arg: k.value for k in node.keywords}
+                if isinstance(func, ast.Name) and name in _UNSAFE_CALLS:
+                    problems.append(f"{where} calls {name}()")
+                if name in ("unsafe_load", "full_load") or (name == "load" and isinstance(func, ast.Attribute)
+                                                             and getattr(func.value, "id", "") in ("yaml", "torch")):
+                    problems.append(f"{where} calls {ast.unparse(func)}()")
+                if name == "load" and getattr(func.value if isinstance(func, ast.Attribute) else None, "id", "") in (
+                        "np", "numpy"):
+                    flag = keywords.get("allow_pickle")
+                    if not (isinstance(flag, ast.Constant) and flag.value is False):
+                        problems.append(f"{where} calls np.load without allow_pickle=False")
+                if isinstance(keywords.get("allow_pickle"), ast.Constant) and keywords["allow_pickle"].value:
+                    problems.append(f"{where} passes allow_pickle=True")
+    assert not problems, problems
+
+
+def test_documented_tensorboard_commands_bind_localhost():
+    commands = []
+    for directory, subdirs, files in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in ("runs", "node_modules")]
+        for name in files:
+            if name.endswith(".md"):
+                text = open(os.path.join(directory, name), encoding="utf-8").read()
+                commands += re.findall(r"tensorboard --logdir[^\n`]*", text)
+    assert commands, "README documents no TensorBoard command"
+    for command in commands:
+        assert "--host 127.0.0.1" in command and "bind_all" not in command, command
+
+
+def test_a_pickle_planted_in_the_token_cache_is_never_loaded(tmp_path, corpus):
+    """The BPE token cache is the one binary array file read from a workdir: a pickled object in it is ignored."""
+    workdir = str(tmp_path / "run")
+    cmd = [f"--workdir={workdir}", f"--config.data.source=text:{corpus}", *TINY, "--config.data.tokenizer=bpe",
+           "--config.data.vocab_size=300", "--config.train.steps=2", "--config.train.eval_batches=1"]
+    r = launch(*cmd)
+    assert r.returncode == 0, r.stderr
+    cache = os.path.join(workdir, "token_cache.npz")
+    with np.load(cache) as real:
+        key = real["key"]
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")   # unpickling this creates the marker file
+
+    np.savez(cache, key=key, tokens=np.array([Payload()], dtype=object))
+    r = launch(*cmd[:-2], "--config.train.steps=4", "--config.train.eval_batches=1")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from step 2" in r.stdout
+    assert not marker.exists()
+    with np.load(cache, allow_pickle=False) as rebuilt:          # re-encoded and replaced by plain arrays
+        assert rebuilt["tokens"].dtype != object
