@@ -14,6 +14,7 @@ Exit codes: 0 done; 2 bad flag, config, data or workdir (one line on stderr, no 
 3 training diverged; 130 interrupted (after a checkpoint was written).
 """
 
+import errno
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_EXPERIMENT = os.path.join(HERE, "experiments", "gpt_char.py")
+# OSErrors that are the machine's, not the program's (full disk, quota, read-only or unwritable files): one line.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 MODES = ("train", "eval", "sample", "bench", "analyze")
 
 CONFIG_HELP = ( "Experiment file (experiments/*.py, optionally FILE:ARG); override any key with "
@@ -173,6 +176,11 @@ def main(argv) -> int:
         _die(e, 3)
     except (Interrupted, KeyboardInterrupt) as e:
         _die(str(e) or "interrupted (Ctrl-C): stopped at once; the last complete checkpoint is kept", 130)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:   # anything else is a bug: keep its traceback
+            raise
+        _die(f"I/O error while running in workdir {workdir!r}: {e.strerror}{f' ({e.filename})' if e.filename else ''}"
+             "; complete checkpoints written before it are kept", 2)
     if mode == "train":
         print(f"done. Watch it in TensorBoard:  tensorboard --logdir {os.path.dirname(workdir) or workdir} "
               "--host 127.0.0.1   (then open http://127.0.0.1:6006)")
