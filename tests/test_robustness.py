@@ -408,6 +408,21 @@ def test_a_failing_checkpoint_write_is_a_clear_error_and_earlier_checkpoints_sta
     assert_same_params(params_of(workdir), params_of(base8))
 
 
+def test_a_failing_metrics_write_is_one_line_and_checkpoints_stay_readable(tmp_path, common, base8):
+    """The disk fills up under metrics.jsonl (grown to the 64 KiB limit) rather than under a checkpoint."""
+    workdir = copy_run(base8, tmp_path)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write("\n" * (64 << 10))
+    r = launch(f"--workdir={workdir}", "--config.train.steps=16", "--nocompilation_cache", *common,
+               prefix=_SMALL_FILES)
+    assert r.returncode == 2, r.stderr
+    lines = stderr_lines(r)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("launch.py: error: I/O error") and "File too large" in lines[0], lines[0]
+    assert checkpoint_steps(workdir) == [4, 8]
+    assert_same_params(params_of(workdir), params_of(base8))
+
+
 def test_checkpoint_directory_replaced_by_a_file_mid_run_is_a_clear_error(tmp_path, common, base8):
     workdir = copy_run(base8, tmp_path)
     ckpt_dir = os.path.join(workdir, "checkpoints")
