@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from jaxlm import config as config_lib, data, metric_writer, runs
+from jaxlm import config as config_lib, data, metric_writer, models, runs
 from jaxlm.analysis import apply, attention_maps, context, plots, sensitivity
 from jaxlm.errors import UserError
 
@@ -147,6 +147,7 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     # bert predicts the ablation target from a [MASK] appended after the context: keep it within max_len
     context_len = min(seq_len, config.model.max_len - 1) if kind == "masked" else seq_len
     results = {"workdir": workdir, "model": config.model.name, "kind": kind, "step": trained.step,
+               "params": models.count_params(trained.params),
                "data_source": config.data.source, "seq_len": seq_len}
 
     windows = validation_windows(dataset, a.num_sequences, seq_len)

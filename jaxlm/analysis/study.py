@@ -171,7 +171,7 @@ def run_lm(config, workdir: str, s, *, attention: bool) -> dict:
     trained_s = time.time() - start
     analysis = hooks.analyze_run(workdir, modes=_csv(s.ablation_modes), attention=attention)
     sens = analysis["sensitivity"]
-    return {"params": _params(config, workdir), "eval_loss": metrics["eval/loss"],
+    return {"params": analysis["params"], "eval_loss": metrics["eval/loss"],
             "effective_context": analysis["ablation"]["effective_context"],
             "sensitivity": {"distances": sens["distances"], "mean": sens["mean"], "relative": sens["relative"],
                             **({"relative_right": sens["relative_right"]} if "relative_right" in sens else {})},
@@ -186,14 +186,9 @@ def run_recall(config, workdir: str, s) -> dict:
     trained = runs.load(workdir)
     d = int(config.data.distance)
     acc = tasks.run_accuracy_at_distance(trained, [d], num_batches=int(s.probe_batches), batch_size=64)[d]
-    return {"params": _params(config, workdir), "eval_loss": metrics["eval/loss"], "distance": d,
+    return {"params": models.count_params(trained.params), "eval_loss": metrics["eval/loss"], "distance": d,
             "accuracy": acc["accuracy"], "stderr": acc["stderr"], "num_answers": acc["num_answers"],
             "train_seconds": round(time.time() - start, 1)}
-
-
-def _params(config, workdir: str) -> int:
-    trained = runs.load(workdir)
-    return models.count_params(trained.params)
 
 
 def plan(config) -> list[tuple[str, str, int, int | None, object]]:

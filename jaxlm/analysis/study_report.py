@@ -106,6 +106,11 @@ def _rel(lm, variant, d):
     return lm[variant]["sensitivity_relative"][str(d)][0]
 
 
+def _g(x: float) -> str:
+    """2 significant digits; an exact 0 is a float32 underflow of a vanished gradient, said so."""
+    return "0 (float32 underflow)" if x == 0 else f"{x:.2g}"
+
+
 def _fmt_acc(row, d):
     m, s = row["accuracy"][str(d)]
     k, n = row["solved"][str(d)]
@@ -137,11 +142,11 @@ def _vanishing(summary):
     if "rnn" not in lm or d is None:
         return _not_measured("vanishing_gradients", cite, lit, "an RNN language model")
     r = _rel(lm, "rnn", d)
-    text = f"RNN char LM: S({d})/S(1) = {r:.2g} (mean over {lm['rnn']['seeds']} seed(s))"
+    text = f"RNN char LM: S({d})/S(1) = {_g(r)} (mean over {lm['rnn']['seeds']} seed(s))"
     verdict = "reproduced" if r < THRESHOLDS["vanished"] else "not reproduced"
     if "gpt" in lm:
         g = _rel(lm, "gpt", d)
-        text += f"; GPT: {g:.2g}"
+        text += f"; GPT: {_g(g)}"
         if verdict == "reproduced" and not r < g:
             verdict = "partly reproduced"
     text += (f". Threshold: the signal counts as vanished when S({d})/S(1) < {THRESHOLDS['vanished']:g}"
@@ -158,7 +163,7 @@ def _lstm_sensitivity(summary):
     if "rnn" not in lm or not lstms or d is None:
         return _not_measured("lstm_sensitivity", cite, lit, "both an RNN and an LSTM language model")
     r = _rel(lm, "rnn", d)
-    parts = [f"S({d})/S(1): RNN {r:.2g}"] + [f"{v} {_rel(lm, v, d):.2g}" for v in lstms]
+    parts = [f"S({d})/S(1): RNN {_g(r)}"] + [f"{v} {_g(_rel(lm, v, d))}" for v in lstms]
     better = [v for v in lstms if _rel(lm, v, d) > r]
     crossing = _crossing(lm, "rnn", lstms[0])
     text = ", ".join(parts) + (f". At short range the order can differ: {crossing}" if crossing else ".")
@@ -282,8 +287,8 @@ def _transformer(summary):
     d = _probe_distance(lm)
     if "gpt" in lm and d is not None:
         rec_rels = {v: _rel(lm, v, d) for v in lm if v in RECURRENT}
-        parts.append(f"char-LM S({d})/S(1): GPT {_rel(lm, 'gpt', d):.2g}" +
-                     "".join(f", {v} {r:.2g}" for v, r in rec_rels.items()))
+        parts.append(f"char-LM S({d})/S(1): GPT {_g(_rel(lm, 'gpt', d))}" +
+                     "".join(f", {v} {_g(r)}" for v, r in rec_rels.items()))
         flatter = all(_rel(lm, "gpt", d) > r for r in rec_rels.values())
         if verdict == "reproduced" and not flatter:
             verdict = "partly reproduced"

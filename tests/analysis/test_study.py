@@ -1,0 +1,167 @@
+"""The long-range study end to end (tiny preset), its reuse of finished runs, --mode=analyze on one run,
+matched model sizes, and verdicts that follow the numbers."""
+
+import copy
+import importlib.util
+import json
+import os
+import resource
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxlm
+from jaxlm import config as config_lib, metric_writer, models
+from jaxlm.analysis import study, study_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def long_range_config(preset):
+    path = os.path.join(ROOT, "experiments", "long_range.py")
+    spec = importlib.util.spec_from_file_location("long_range", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("study"))
+    config = long_range_config("tiny")
+    config_lib.validate(config)
+    cpu = _cpu_seconds()
+    out = jaxlm.run(config, workdir, "train")     # routed to the study by the `study` section
+    return workdir, config, out, _cpu_seconds() - cpu
+
+
+def _cpu_seconds():
+    """CPU time of this process (all threads): the work done, independent of what else loads the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
+    workdir, config, out, seconds = tiny_study
+    assert seconds < 90, f"the tiny study took {seconds:.0f} CPU seconds"
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["summary"] == json.loads(json.dumps(out["summary"]))
+    s = config.study
+    lm_models, recall_models = s.lm_models.split(","), s.models.split(",")
+    assert sorted(saved["runs"]["lm"]) == sorted(lm_models)
+    assert sorted(saved["runs"]["recall"]) == sorted(recall_models)
+    modes = s.ablation_modes.split(",")
+    for variant in lm_models:
+        for seed in range(s.lm_seeds):
+            run = saved["runs"]["lm"][variant][f"seed{seed}"]
+            for field in study.RESULT_FIELDS["lm"]:
+                assert field in run, (variant, field)
+            assert np.isfinite(run["eval_loss"])
+            assert set(run["effective_context"]) == set(modes)
+            for mode in modes:
+                assert 1 <= run["effective_context"][mode] <= s.lm_seq_len
+                assert set(run["ablation"][mode]) == {str(d) for d in run["ablation_grid"]}
+            assert run["sensitivity"]["relative"]["1"] == pytest.approx(1.0)
+            assert len(run["sensitivity"]["distances"]) == len(run["sensitivity"]["mean"])
+            assert os.path.isfile(os.path.join(workdir, run["workdir"], "analysis", "results.json"))
+    for variant in recall_models:
+        for seed in range(s.seeds):
+            for d in s.distances.split(","):
+                run = saved["runs"]["recall"][variant][f"seed{seed}"][d]
+                for field in study.RESULT_FIELDS["recall"]:
+                    assert field in run, (variant, field)
+                assert 0.0 <= run["accuracy"] <= 1.0 and run["distance"] == int(d)
+    keys = {f["key"] for f in saved["findings"]}
+    assert {"vanishing_gradients", "effective_context", "lstm_long_lag", "transformer_constant_path"} <= keys
+    for f in saved["findings"]:
+        assert f["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not measured",
+                                "reproduced (shape only)")
+    for name in ("report.md", "sensitivity.png", "recall_accuracy.png", "ablation_drop.png"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "Khandelwal" in report and "Vaswani" in report and "±" in report
+    tags = {t for t in metric_writer.read_scalars(workdir)}
+    assert any(t.startswith("study/effective_context_drop/") for t in tags)
+
+
+def test_finished_runs_are_reused_not_retrained(tiny_study):
+    workdir, config, out, _ = tiny_study
+    marker = os.path.join(workdir, "lm", "gpt", "seed0", study.MARKER)
+    before = os.path.getmtime(marker)
+    again = study.run_study(config, workdir)
+    assert os.path.getmtime(marker) == before
+    assert again["summary"]["recall"] == out["summary"]["recall"]
+
+
+def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
+    workdir = os.path.join(tiny_study[0], "lm", "gpt", "seed0")
+    for name in os.listdir(os.path.join(workdir, "analysis")):
+        os.remove(os.path.join(workdir, "analysis", name))
+    config = config_lib.default_config()
+    config.analysis.num_windows = 32        # a command-line style override: differs from the default
+    jaxlm.run(config, workdir, "analyze")
+    out = os.path.join(workdir, "analysis")
+    for name in ("results.json", "report.md", "sensitivity.png", "sensitivity_heatmap.png", "ablation.png",
+                 "attention.png", "head_view.html"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert results["ablation"]["num_windows"] == 32
+    assert set(results["ablation"]["effective_context"]) == {"drop", "shuffle", "random"}
+    assert results["attention"]["shape"][:2] == [2, 4]   # layers x heads of the tiny gpt
+    assert "http" not in open(os.path.join(out, "head_view.html")).read().lower()
+    tags = set(metric_writer.read_scalars(workdir))
+    assert "analysis/effective_context_drop" in tags
+
+
+@pytest.mark.parametrize("size", sorted(study.SIZES))
+def test_study_sizes_are_matched_within_ten_percent(size):
+    counts = {}
+    for variant in ("rnn", "lstm", "elmo", "gpt", "bert"):
+        config = study.lm_config(long_range_config("full"), long_range_config("full").study, variant, 0)
+        config.model.update(study.SIZES[size][variant])
+        model = nnx.eval_shape(lambda: models.build_model(config.model, 101, 0))
+        counts[variant] = models.count_params(nnx.state(model, nnx.Param))
+    assert max(counts.values()) / min(counts.values()) < 1.12, counts
+
+
+def _summary(rnn_long, lstm_long, fb3_long, gpt_long, rnn_s64, gpt_s64):
+    def recall(acc):
+        return {"params": 1, "seeds": 3, "accuracy": {"10": [1.0, 0.0], "100": [acc, 0.02]},
+                "solved": {"10": [3, 3], "100": [3 * (acc >= 0.9), 3]}}
+
+    def lm(rel64):
+        return {"params": 1, "seeds": 1, "eval_loss": [1.5, 0.0], "effective_context": {"drop": [16, 0], "shuffle": [8, 0]},
+                "sensitivity_relative": {"1": [1.0, 0], "16": [rel64 * 10, 0], "64": [rel64, 0]}}
+
+    return {"recall": {"rnn": recall(rnn_long), "lstm": recall(lstm_long), "lstm_fb3": recall(fb3_long),
+                       "gpt": recall(gpt_long)},
+            "lm": {"rnn": lm(rnn_s64), "lstm": lm(1e-4), "gpt": lm(gpt_s64)}}
+
+
+def test_verdicts_follow_the_numbers():
+    out = {"chance": 0.125, "tolerance": 0.01, "config": {"lm_seq_len": 128, "recall_steps": 600}}
+    classic = {f["key"]: f["verdict"] for f in study_report.findings(_summary(0.13, 0.14, 0.97, 1.0, 1e-6, 2e-2), out)}
+    assert classic["rnn_long_lag"] == "reproduced"
+    assert classic["long_init"] == "reproduced"
+    assert classic["lstm_long_lag"] == "reproduced"
+    assert classic["transformer_constant_path"] == "reproduced"
+    assert classic["vanishing_gradients"] == "reproduced"
+    assert classic["effective_context"] == "reproduced (shape only)"
+    flipped = {f["key"]: f["verdict"] for f in study_report.findings(_summary(0.95, 0.9, 0.5, 0.2, 0.5, 1e-3), out)}
+    assert flipped["rnn_long_lag"] == "not reproduced"
+    assert flipped["long_init"] == "not reproduced"
+    assert flipped["lstm_long_lag"] == "not reproduced"
+    assert flipped["transformer_constant_path"] == "not reproduced"
+    assert flipped["vanishing_gradients"] == "not reproduced"
+
+
+def test_bad_study_values_are_one_line_user_errors():
+    from jaxlm.errors import UserError
+    config = long_range_config("tiny")
+    bad = copy.deepcopy(config)
+    bad.study.models = "rnn,transformerxl"
+    with pytest.raises(UserError, match="study.models"):
+        study.check_study(bad.study)
