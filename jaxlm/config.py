@@ -105,6 +105,24 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def char_comparison_config() -> ml_collections.ConfigDict:
+    """The shared set-up of the parameter-matched *_char experiments: same data, tokens, budget and optimizer,
+    so that rnn/lstm/elmo/bert/gpt runs differ only in the model (fair comparisons)."""
+    c = default_config()
+    c.model.num_layers = 2
+    c.model.max_len = 128
+    c.data.source = "builtin"
+    c.data.tokenizer = "chars"        # one token per character of the stdlib sources
+    c.data.seq_len = 128
+    c.train.steps = 1000
+    c.train.batch_size = 16
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
+    c.optim.learning_rate = 2e-3
+    c.optim.warmup_steps = 100
+    return c
+
+
 def objective_name(config) -> str:
     """The objective actually trained: objective.name, or the model's natural one."""
     return config.objective.name or DEFAULT_OBJECTIVE[config.model.name]
