@@ -137,10 +137,10 @@ def train(config, workdir: str, *, restart: bool = False) -> dict:
     run = setup(config, workdir, restart=restart)
     try:
         _log_start(run)
-        with _SignalFlag() as signals:
+        with _SignalFlag() as signals:   # also over the final eval and save: a signal there lets them finish
             _train_loop(run, signals)
-        final = evaluate(run, int(config.train.steps))
-        _save(run, int(config.train.steps))
+            final = evaluate(run, int(config.train.steps))
+            _save(run, int(config.train.steps))
         return final
     finally:
         run.checkpointer.close()
