@@ -2,7 +2,8 @@
 bad value, and no traceback. Each case is a real `python launch.py ...` in a subprocess.
 
 Arguments are templates: {data} is a folder of (bad) data files, {w} a fresh workdir, {char_run} / {bert_run}
-finished 2-step runs (a char-vocabulary GPT and a BERT), {no_tok} / {bad_tok} / {wrong_tok} copies of the char
+finished 2-step runs (a char-vocabulary GPT, a BERT, an ELMo), {no_ckpt} the char run without its
+checkpoints, {no_tok} / {bad_tok} / {wrong_tok} copies of the char
 run whose tokenizer.json is missing / not JSON / JSON that is not a vocabulary.
 """
 
@@ -42,12 +43,14 @@ def paths(tmp_path_factory):
     (data / "notstring.jsonl").write_text('{"text": 42}\n')
     (data / "subdir").mkdir()
     runs = tmp_path_factory.mktemp("runs")
-    char_run, bert_run = str(runs / "char"), str(runs / "bert")
+    char_run, bert_run, elmo_run = str(runs / "char"), str(runs / "bert"), str(runs / "elmo")
     for workdir, extra in ((char_run, ["--config.data.tokenizer=chars"]),
-                           (bert_run, ["--config.model.name=bert", "--config.data.tokenizer=bytes"])):
+                           (bert_run, ["--config.model.name=bert", "--config.data.tokenizer=bytes"]),
+                           (elmo_run, ["--config.model.name=elmo", "--config.model.hidden_size=32",
+                                       "--config.data.tokenizer=bytes"])):
         r = launch(f"--workdir={workdir}", f"--config.data.source=text:{data / 'corpus.txt'}", *TINY, *extra)
         assert r.returncode == 0, r.stderr
-    out = {"data": str(data), "char_run": char_run, "bert_run": bert_run}
+    out = {"data": str(data), "char_run": char_run, "bert_run": bert_run, "elmo_run": elmo_run}
     for name, content in (("no_tok", None), ("bad_tok", "{not json"), ("wrong_tok", json.dumps({"type": "chars",
                                                                                                  "chars": ["b", "a"]}))):
         out[name] = str(runs / name)
@@ -57,6 +60,9 @@ def paths(tmp_path_factory):
         else:
             with open(os.path.join(out[name], "tokenizer.json"), "w") as f:
                 f.write(content)
+    out["no_ckpt"] = str(runs / "no_ckpt")   # a run killed before its first checkpoint
+    shutil.copytree(char_run, out["no_ckpt"])
+    shutil.rmtree(os.path.join(out["no_ckpt"], "checkpoints"))
     empty = runs / "empty"
     empty.mkdir()
     out["empty"] = str(empty)
@@ -121,6 +127,9 @@ CASES = [
     ("sample_missing_workdir", ["--mode=sample", "--workdir={data}/nope"], "nope"),
     ("sample_without_checkpoint", ["--mode=sample", "--workdir={empty}"], "{empty}"),
     ("eval_without_checkpoint", ["--mode=eval", "--workdir={empty}"], "{empty}"),
+    ("sample_config_but_no_checkpoint", ["--mode=sample", "--workdir={no_ckpt}"], "{no_ckpt}"),
+    ("eval_config_but_no_checkpoint", ["--mode=eval", "--workdir={no_ckpt}"], "{no_ckpt}"),
+    ("sample_on_an_elmo_run", ["--mode=sample", "--workdir={elmo_run}", "--prompt=the"], "'elmo'"),
     ("bert_prompt_without_mask", ["--mode=sample", "--workdir={bert_run}", "--prompt=the cat"], "'the cat'"),
     ("prompt_outside_char_vocab", ["--mode=sample", "--workdir={char_run}", "--prompt=the Zebra"], "'Z'"),
     ("tokenizer_json_missing", ["--mode=sample", "--workdir={no_tok}", "--prompt=the"], "tokenizer.json"),

@@ -35,6 +35,7 @@ _DRIVER = r'''
 import json, os, runpy, signal, sys
 sys.path.insert(0, os.environ["JAXLM_ROOT"])
 from jaxlm import checkpoint
+from jaxlm.train import loop
 from orbax.checkpoint._src.path import atomicity
 
 point, target = os.environ["JAXLM_FAULT"].split(":")
@@ -48,6 +49,7 @@ def die(directory):
 
 
 save, wait, finalize = checkpoint.Checkpointer.save, checkpoint.Checkpointer.wait, atomicity.AtomicRenameTemporaryPath.finalize
+evaluate = loop.evaluate
 
 
 def hooked_save(self, step, *args, **kwargs):
@@ -75,7 +77,14 @@ async def hooked_finalize(self):
     return await finalize(self)
 
 
+def hooked_evaluate(run, step, **kwargs):
+    if point == "sigterm_in_eval" and step == target:
+        os.kill(os.getpid(), signal.SIGTERM)   # handled at the next bytecode: during this evaluation
+    return evaluate(run, step, **kwargs)
+
+
 checkpoint.Checkpointer.save, checkpoint.Checkpointer.wait = hooked_save, hooked_wait
+loop.evaluate = hooked_evaluate
 atomicity.AtomicRenameTemporaryPath.finalize = hooked_finalize
 sys.argv = [os.path.join(os.environ["JAXLM_ROOT"], "launch.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -272,6 +281,13 @@ def test_sigterm_saves_a_checkpoint_exits_130_and_the_rerun_resumes(tmp_path, co
     assert checkpoint_steps(workdir)[-1] == step + 4
 
 
+def test_sigterm_during_the_final_evaluation_lets_the_run_finish(tmp_path, common):
+    workdir = str(tmp_path / "run")
+    r, _ = launch_with_fault(tmp_path, "sigterm_in_eval:8", f"--workdir={workdir}", "--config.train.steps=8", *common)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint_steps(workdir) == [4, 8]
+
+
 def test_two_sigints_stop_at_once_with_exit_130(tmp_path, common):
     workdir = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}",
@@ -397,6 +413,7 @@ _SMALL_FILES = ("-c", "import os, resource, sys; resource.setrlimit(resource.RLI
 
 def test_a_failing_checkpoint_write_is_a_clear_error_and_earlier_checkpoints_stay_readable(tmp_path, common, base8):
     workdir = copy_run(base8, tmp_path)
+    # No compilation cache: writing a (> 64 KiB) cache entry would fail too, with a warning of its own.
     r = launch(f"--workdir={workdir}", "--config.train.steps=16", "--nocompilation_cache", *common,
                prefix=_SMALL_FILES)
     assert r.returncode == 2, r.stderr
