@@ -239,8 +239,45 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                         f"(coordinator {coordinator_address}): {' '.join(str(e).split())[:300]}") from None
     if jax.process_count() > 1:
         start_peer_watchdog()
+        sys.excepthook = _exit_at_once_after_traceback
         return True
     return False
+
+
+def is_multiprocess() -> bool:
+    """True once jax.distributed is initialised (never initialises a backend itself)."""
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+
+
+def exit_now_if_multiprocess(code: int, *, wait_seconds: float = 5.0) -> None:
+    """Call before exiting with an error: in a multi-process run whose other processes are not exiting too,
+    end this process at once with `code`; otherwise return (the caller exits normally).
+
+    A normal exit runs JAX's shutdown barrier, which waits for the other processes; if they are stuck in a
+    collective waiting for this one, that is a deadlock until the timeouts.  So all exiting processes first
+    meet at a short barrier: when every process hit the same error (a bad config, say) it passes and they exit
+    normally; when it times out the others are still running, and exiting at once lets their watchdog (or JAX,
+    when this is process 0) end them promptly.
+    """
+    if not is_multiprocess():
+        return
+    from jax._src import distributed
+    try:
+        distributed.global_state.client.wait_at_barrier("jaxlm-exit", int(wait_seconds * 1000))
+        return
+    except Exception:  # noqa: BLE001 - DEADLINE_EXCEEDED: the others are not exiting
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_at_once_after_traceback(exc_type, exc, tb):
+    sys.__excepthook__(exc_type, exc, tb)
+    print(f"launch.py: error: process {jax.process_index()} of {jax.process_count()} failed (traceback above)",
+          file=sys.stderr, flush=True)
+    exit_now_if_multiprocess(1)
 
 
 def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) -> threading.Thread | None:

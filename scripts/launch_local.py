@@ -73,15 +73,15 @@ def watch(procs: list[subprocess.Popen], *, poll: float = 0.2) -> int:
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             i, code = failed[0]
-            alive = [j for j, p in enumerate(procs) if p.poll() is None]
-            if alive:
+            if any(p.poll() is None for p in procs):
                 time.sleep(2.0)   # let a process that failed for the same reason print its own message
-                for j in alive:
-                    if procs[j].poll() is None:
-                        procs[j].kill()
-                        procs[j].wait()
-                print(f"launch_local.py: process {i} exited with code {code}; stopped processes "
-                      f"{', '.join(map(str, alive))}", file=sys.stderr)
+            killed = [j for j, p in enumerate(procs) if p.poll() is None]
+            for j in killed:
+                procs[j].kill()
+                procs[j].wait()
+            if killed:
+                print(f"launch_local.py: process {i} exited with code {code}; killed the processes still "
+                      f"running ({', '.join(map(str, killed))}): they cannot continue without it", file=sys.stderr)
             return code
         if all(c == 0 for c in codes):
             return 0
