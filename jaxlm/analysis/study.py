@@ -239,8 +239,9 @@ def run_study(config, workdir: str) -> dict:
     summary = study_report.summarize(results, config)
     out = {"config": config.study.to_dict(), "tolerance": float(s.tolerance),
            "chance": 1.0 / int(s.num_symbols), "runs": results, "summary": summary,
-           "seconds": round(time.time() - start, 1)}
+           "seconds": round(time.time() - start, 1), "run_seconds": round(_run_seconds(results), 1)}
     images = study_report.figures(results, summary, out, workdir)
+    out["seconds"] = round(time.time() - start, 1)
     out["findings"] = study_report.findings(summary, out)
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -249,6 +250,17 @@ def run_study(config, workdir: str) -> dict:
     _tensorboard(workdir, out, images)
     print(f"study done in {out['seconds']:.0f} s: {workdir}/report.md, {workdir}/results.json", flush=True)
     return out
+
+
+def _run_seconds(results: dict) -> float:
+    """Wall seconds the runs took when they were trained and analysed (recorded, so reuse does not reset it)."""
+    total = 0.0
+    for task in results.values():
+        for seeds in task.values():
+            for run in seeds.values():
+                for r in (run.values() if "train_seconds" not in run else [run]):
+                    total += r.get("train_seconds", 0.0) + r.get("analysis_seconds", 0.0)
+    return total
 
 
 def _tensorboard(workdir: str, out: dict, images: dict) -> None:
