@@ -183,7 +183,7 @@ def main(argv) -> int:
             raise
         _die(f"I/O error while running in workdir {workdir!r}: {e.strerror}{f' ({e.filename})' if e.filename else ''}"
              "; complete checkpoints written before it are kept", 2)
-    if mode == "train":
+    if mode == "train" and sys.modules["jax"].process_index() == 0:   # one line per run, not per process
         print(f"done. Watch it in TensorBoard:  tensorboard --logdir {os.path.dirname(workdir) or workdir} "
               "--host 127.0.0.1   (then open http://127.0.0.1:6006)")
     return 0
