@@ -140,6 +140,7 @@ class Checkpointer:
         if not steps:
             return None
         _install_quiet_unraisable_hook()
+        _install_quiet_asyncio_logging()
         first_error = None
         for i, step in enumerate(steps):
             restored, reason = self._try_restore(step, target)
@@ -272,11 +273,20 @@ def _install_quiet_orbax_logging() -> None:
 
 
 class _DropOrbaxUnretrievedTasks(logging.Filter):
-    """asyncio's 'Task exception was never retrieved' for the sibling reads of a restore that already failed."""
+    """asyncio's 'Task/Future exception was never retrieved' for the sibling reads of a restore that already
+    failed (a Future's message names no orbax file, only the OCDBT database it was reading)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        return not (message.startswith(("Task exception was never retrieved", "Future exception was never retrieved"))
+                    and ("orbax" in message or "OCDBT" in message))
+
+
+def _install_quiet_asyncio_logging() -> None:
+    """Keeps the filter above on for good: the abandoned reads may be garbage collected long after the restore."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrbaxUnretrievedTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropOrbaxUnretrievedTasks())
 
 
 @contextlib.contextmanager
