@@ -25,6 +25,7 @@ import json
 import os
 import time
 
+import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib, metric_writer, models, runs
@@ -96,7 +97,8 @@ def check_study(s) -> None:
 
 
 def _model_config(base, variant: str, size: str):
-    out = base.copy_and_resolve_references()
+    """The base config WITHOUT the study section (so extending the study leaves finished runs reusable)."""
+    out = ml_collections.ConfigDict({k: v for k, v in base.to_dict().items() if k != "study"})
     changes = dict(VARIANTS[variant])
     name = changes["name"]
     out.model.name = name

@@ -165,3 +165,15 @@ def test_bad_study_values_are_one_line_user_errors():
     bad.study.models = "rnn,transformerxl"
     with pytest.raises(UserError, match="study.models"):
         study.check_study(bad.study)
+
+
+def test_run_configs_do_not_depend_on_other_study_keys():
+    """Adding seeds, distances or models must leave the finished runs' configs (and so their reuse) intact."""
+    small, larger = long_range_config("quick"), long_range_config("quick")
+    larger.study.seeds, larger.study.distances, larger.study.models = 5, "10,50,100", "rnn,lstm,gpt,bert"
+    for variant in ("rnn", "gpt"):
+        assert (study.recall_config(small, small.study, variant, 1, 100).to_dict()
+                == study.recall_config(larger, larger.study, variant, 1, 100).to_dict())
+        assert (study.lm_config(small, small.study, variant, 0).to_dict()
+                == study.lm_config(larger, larger.study, variant, 0).to_dict())
+    assert "study" not in study.lm_config(small, small.study, "gpt", 0)
