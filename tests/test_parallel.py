@@ -43,8 +43,11 @@ import launch_local  # noqa: E402
 RTOL = 1e-5
 
 
-def _env(devices: int, tmp_root: str, **extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLM_NO_REEXEC="1", JAXLM_CACHE_DIR=os.path.join(tmp_root, "cache"),
+def _env(devices: int, tmp_path, **extra) -> dict:
+    """Environment of a launch.py child: CPU with `devices` simulated devices, and one compilation cache for
+    the whole session (a resumed run reuses the programs the uninterrupted run compiled)."""
+    cache = os.path.join(os.path.dirname(str(tmp_path)), "jaxlm-compilation-cache")   # tmp_path: BASETEMP/x
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLM_NO_REEXEC="1", JAXLM_CACHE_DIR=cache,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
     env.update(extra)
     return env
@@ -61,7 +64,7 @@ def _rel(a, b) -> float:
 def strategies(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("strategies") / "out.npz")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), "strategies", out],
-                          env=_env(8, str(tmp_path_factory.getbasetemp())), capture_output=True, text=True,
+                          env=_env(8, os.path.dirname(out)), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(out))
@@ -216,9 +219,8 @@ def corpus(tmp_path_factory):
 def full_runs(tmp_path_factory, corpus):
     """Uninterrupted 6-step runs on 1 and on 8 devices (started together: 2 cores)."""
     root = tmp_path_factory.mktemp("runs")
-    base = str(tmp_path_factory.getbasetemp())
     runs = {n: str(root / f"dev{n}") for n in (1, 8)}
-    started = [(_start(_launch_args(corpus, runs[n]), _env(n, base), runs[n] + ".log"), runs[n] + ".log")
+    started = [(_start(_launch_args(corpus, runs[n]), _env(n, root), runs[n] + ".log"), runs[n] + ".log")
                for n in (1, 8)]
     _finish(started)
     return runs
