@@ -234,6 +234,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                    heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     except (RuntimeError, ValueError) as e:
         if not all(given):   # auto-detection found no cluster: a plain single-process run
+            print(f"launch.py: --distributed: no cluster detected ({' '.join(str(e).split())[:120]}); "
+                  "running as a single process", file=sys.stderr)
             return False
         raise UserError(f"jax.distributed.initialize failed for process {process_id} of {num_processes} "
                         f"(coordinator {coordinator_address}): {' '.join(str(e).split())[:300]}") from None
