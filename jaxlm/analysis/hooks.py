@@ -14,8 +14,9 @@ and runs on its validation split:
 
 Outputs: RUN/analysis/{results.json, sensitivity.png, sensitivity_heatmap.png, ablation.png,
 attention.png, head_view.html, report.md}, and TensorBoard images/scalars under ``analysis/*`` in RUN (at
-the checkpoint's step).  Synthetic-task runs have no text to ablate: their ablation and sensitivity use
-the task's held-out examples the same way.
+the checkpoint's step).  Synthetic-task runs use the task's held-out examples, cut to end at the answer:
+the ablation's target and the sensitivity's row are the answer, so the curves show how far back the
+answer's evidence is read.
 """
 
 from __future__ import annotations
@@ -53,27 +54,36 @@ def _apply_overrides(config, overrides) -> None:
         section[leaf] = value
 
 
-def validation_windows(dataset, count: int, length: int) -> np.ndarray:
-    """``count`` windows int32 [count, length] evenly spread over the validation split (synthetic: held-out
-    examples), the same on every call."""
+def validation_windows(dataset, count: int, length: int, *, synthetic: bool = False) -> np.ndarray:
+    """``count`` windows int32 [count, length] evenly spread over the validation split, the same on every call.
+
+    synthetic=True: held-out task examples cut so that the LAST token is the (last) answer (the closing
+    [EOS] is dropped), so "the last token" of the ablation and the sensitivity rows score the answer."""
     batch = min(count, 256)
     batches = dataset.eval_batches(batch, math.ceil(count / batch))
     windows = np.concatenate([b["tokens"] for b in batches])[:count]
+    if synthetic:
+        windows = windows[:, :-1]
     return windows[:, -length:]
 
 
-def sensitivity_positions(kind: str, length: int, rows: int = SENSITIVITY_ROWS) -> np.ndarray:
-    """Target rows for the distance curve: the last ``rows`` scorable positions (causal) or the middle ones."""
+def sensitivity_positions(kind: str, length: int, rows: int = SENSITIVITY_ROWS, *,
+                          answer_last: bool = False) -> np.ndarray:
+    """Target rows for the distance curve: the last ``rows`` scorable positions (causal) or the middle ones;
+    answer_last (synthetic tasks): only the row that scores the answer, the window's last token."""
+    if answer_last:
+        return np.array([length - 2 if kind == "causal" else length - 1])
     if kind == "causal":
         return np.arange(max(0, length - 1 - rows), length - 1)
     start = max(1, length // 2 - rows // 2)
     return np.arange(start, min(length - 1, start + rows))
 
 
-def run_sensitivity(graphdef, params, windows, *, kind: str, mask_id, out_dir: str | None) -> tuple[dict, np.ndarray]:
+def run_sensitivity(graphdef, params, windows, *, kind: str, mask_id, out_dir: str | None,
+                    answer_last: bool = False) -> tuple[dict, np.ndarray]:
     """Sensitivity by distance over ``windows`` [N, L] (tokens) and the heat map of the first ones."""
     length = windows.shape[1]
-    positions = sensitivity_positions(kind, length)
+    positions = sensitivity_positions(kind, length, answer_last=answer_last)
     s = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions, mask_id=mask_id)
     two_sided = kind != "causal"
     dist, mean, std = sensitivity.sensitivity_by_distance(s, target_positions=positions, bidirectional=two_sided)
@@ -150,10 +160,12 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
                "params": models.count_params(trained.params),
                "data_source": config.data.source, "seq_len": seq_len}
 
-    windows = validation_windows(dataset, a.num_sequences, seq_len)
+    task = config.data.source.startswith("synthetic:")   # score the answer, not the closing [EOS]
+    windows = validation_windows(dataset, a.num_sequences, seq_len, synthetic=task)
     results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, kind=kind,
-                                                   mask_id=tokenizer.mask_id, out_dir=out_dir)
-    ablation_windows = validation_windows(dataset, a.num_windows, context_len + 1)
+                                                   mask_id=tokenizer.mask_id, out_dir=out_dir, answer_last=task)
+    ablation_windows = validation_windows(dataset, a.num_windows, min(context_len + 1, seq_len) if task
+                                          else context_len + 1, synthetic=task)
     results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,
                                        modes=tuple(modes), tolerance=a.tolerance, seed=config.seed)
     images = _figures(results, heat, out_dir)
