@@ -8,12 +8,12 @@ base sections below describe one run, the GPT char LM, and are what each study r
 any study key: ``--config.study.seeds=5``, ``--config.study.distances=10,50,100``.
 
 Presets:
-- ``quick`` (the README's first command): tiny (~0.11M-parameter) models. Char LM: rnn, lstm, gpt, 1 seed,
+- ``quick`` (start here; 7.8 CPU-minutes measured, see README): tiny (~0.11M-parameter) models. Char LM: rnn, lstm, gpt, 1 seed,
   500 steps, drop+shuffle ablation on 1,024 windows of 64 characters. Delayed recall at d = 10 and 100:
   rnn, lstm, lstm_fb3, gpt, 3 seeds, 500 steps.  elmo and bert are in the full preset only.
 - ``full``: every model, 3 seeds on both tasks; the 0.43M-parameter sizes of experiments/*_char.py;
   char LM 1,000 steps on 128-character windows, all three ablation modes on 4,096 windows; recall at
-  d = 10, 20, 50, 100, 200 for 600 steps.
+  d = 10, 20, 50, 100, 200 for 600 steps (~4.8 CPU-hours, estimated from measured step costs).
 - ``tiny``: the test preset (2 models per task, 1 seed, recall at d = 4 only, a few steps: checks the plumbing).
 """
 
