@@ -9,7 +9,8 @@ Both strategies run the same `train_step`; only placement differs.
   (replicated if none is), so each device holds ~1/N of them (ZeRO-3 / FSDP); XLA inserts the all-gathers
   of the parameters before their use and reduce-scatters the gradients.  Same math, same result.
 * ``pmap``: the step under ``jax.pmap`` with the sums ``psum``'d over the device axis inside the step
-  (``StepSpec.axis_name``).  Since JAX 0.8 ``jax.pmap`` is itself implemented as jit + shard_map over a 1-D mesh
+  (``StepSpec.axis_name``).  Dropout and masked-LM masks are drawn per device (independent streams), so with
+  them pmap is statistically, not bitwise, equal to jit / 1 device; without them it is equal.  Since JAX 0.8 ``jax.pmap`` is itself implemented as jit + shard_map over a 1-D mesh
   (JAX-NOTES.md section 1), so it costs the same; it is here for users who know it.
 
 Checkpoints always hold one host-side copy of the state (`to_host`), so a run saved under one strategy, mesh
@@ -80,7 +81,8 @@ class DataParallel:
             if self.fsdp != 1:
                 raise UserError(f"invalid parallel.fsdp={fsdp} with parallel.strategy='pmap': "
                                 "fsdp needs parallel.strategy='jit'")
-            self._train = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=(0,), devices=self.devices)
+            self._train = jax.pmap(_per_device_randomness(train_step), axis_name=PMAP_AXIS, donate_argnums=(0,),
+                                   devices=self.devices)
             self._eval = jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=self.devices)
         else:
             self.mesh = _make_mesh(self.devices, self.fsdp)
@@ -165,6 +167,18 @@ class DataParallel:
     def params(self, state):
         """The parameters as host numpy (for sampling and analysis)."""
         return self.to_host(state.replace(carry=None)).params
+
+
+def _per_device_randomness(train_step):
+    """pmap: every device runs the step on its own rows with the same state.rng, so without this each device
+    would draw the same dropout/masking pattern for its rows (noise correlated across devices).  Fold the
+    device index into the key for the step, and hand back the unchanged rng so the replicas stay identical.
+    (jit draws from the global batch shape instead, reproducing the 1-device draws exactly.)"""
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), jax.lax.axis_index(PMAP_AXIS))
+        new_state, metrics = train_step(state.replace(rng=jax.random.key_data(key)), batch)
+        return new_state.replace(rng=state.rng), metrics
+    return step
 
 
 def _global_from_full_copy(x, sharding):

@@ -135,6 +135,12 @@ def strategies(out: str):
         state = dp.place_state(host)          # a checkpoint round trip of the carry, then one more step
         state, metrics = dp.train_step(state, dp.place_batch(data[3]))
         results[f"{name}/after_restore"] = np.array(float(jax.device_get(metrics["train/loss"])))
+    # randomness (dropout): jit over 8 draws exactly the 1-device masks; pmap draws per device
+    dconfig = tiny_config(**{"model.dropout": 0.1})
+    for name, kwargs, strategy in (("drop_one", dict(devices=jax.devices()[:1]), "jit"), ("drop_jit8", {}, "jit"),
+                                   ("drop_pmap8", {}, "pmap")):
+        dconfig.parallel.strategy = strategy
+        results[f"{name}/losses"] = train(dconfig, data[:2], **kwargs)[0]
     np.savez(out, **results)
 
 

@@ -103,6 +103,13 @@ def test_stateful_carry_follows_batch_rows(strategies, name):
     assert _rel(strategies["lstm_one/after_restore"], strategies[f"{name}/after_restore"]) < RTOL
 
 
+def test_dropout_draws(strategies):
+    """jit over 8 reproduces the 1-device dropout masks exactly; pmap draws its own per device (close, not equal)."""
+    one, jit8, pmap8 = (strategies[f"{n}/losses"][:, 0] for n in ("drop_one", "drop_jit8", "drop_pmap8"))
+    assert _rel(one, jit8) < RTOL
+    assert _rel(one, pmap8) > 1e-5 and _rel(one, pmap8) < 1e-2
+
+
 def test_fsdp_spec_picks_largest_divisible_axis():
     P = jax.sharding.PartitionSpec
     assert parallel.fsdp_spec((32, 96), 4) == P(None, "fsdp")
