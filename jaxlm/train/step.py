@@ -76,6 +76,11 @@ def objective_sums(spec: StepSpec, params, batch, carry, *, dropout_key=None, ma
     # bidirectional_lm (ELMo): forward predicts t+1, backward predicts t-1, over the same T inputs
     mask = batch.get("mask", jnp.ones(inputs.shape, bool))
     (fwd, bwd), _ = apply_model(spec.graphdef, params, inputs, mask=mask, dropout_key=dropout_key)
+    if "weights" in batch:   # synthetic tasks: only the forward direction can see the cue before an answer
+        fs, fc, fk = objectives.causal_lm_loss(fwd[:, :-1], inputs[:, 1:], batch["weights"][:, :-1])
+        zero = jnp.zeros((), jnp.float32)
+        return {"loss": fs, "tokens": fc, "correct": fk, "forward_loss": fs, "forward_tokens": fc,
+                "backward_loss": zero, "backward_tokens": zero}, carry
     parts = objectives.bidirectional_lm_loss(fwd, bwd, inputs, mask)
     (fs, fc, fk), (bs, bc, bk) = parts["forward"], parts["backward"]
     return {"loss": fs + bs, "tokens": fc + bc, "correct": fk + bk,
