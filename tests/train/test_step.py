@@ -20,7 +20,7 @@ def spec_for(model, objective, **train):
     for key, value in train.items():
         c.train[key] = value
     graphdef, params = nnx.split(model, nnx.Param)
-    c.optim.warmup_steps = 5
+    c.optim.warmup_steps, c.optim.learning_rate = 5, 1e-2
     tx = optim.make_optimizer(c.optim, 40)
     return step_lib.StepSpec.from_config(c, graphdef, tx, TOKENIZER), params, tx
 
