@@ -12,7 +12,9 @@ starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as launch.py gives users, unl
       --variant='tanh model.gelu_approximate=True'
 
 Prints per-round tokens/s and, per variant, the median over rounds of (variant / first variant) in the
-same round: on a shared, noisy machine only such paired ratios mean something.
+same round: on a shared, noisy machine only such paired ratios mean something.  The CPU-time ratio (the
+process's own CPU seconds per step, first variant / variant) is steadier when other processes load the
+machine, but misses time lost to waiting (e.g. thread hand-offs).
 """
 
 from __future__ import annotations
@@ -90,16 +92,21 @@ def main():
                       f"other load {res['other_cpu_frac']:.2f}", file=sys.stderr, flush=True)
     base = variants[0][0]
     print(f"\n{a.shape}, {a.rounds} rounds (median tokens/s; ratio = median over rounds of variant/{base})\n")
-    print("| variant | settings | tokens/s | step ms | faults/step | first step s (cold) | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | settings | tokens/s | step ms | CPU ms/step | faults/step | peak RSS MB | first step s (cold) "
+          "| ratio | CPU-time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, env, overrides in variants:
         tps = [x["tokens_per_sec"] for x in runs[name]]
         ratio = statistics.median(x / y["tokens_per_sec"] for x, y in zip(tps, runs[base]))
+        cpu_ratio = statistics.median(y["cpu_ms_per_step"] / x["cpu_ms_per_step"] for x, y in zip(runs[name], runs[base]))
         settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
         print(f"| {name} | `{settings}` | {statistics.median(tps):,.0f} | "
               f"{statistics.median(x['step_ms_median'] for x in runs[name]):.1f} | "
+              f"{statistics.median(x['cpu_ms_per_step'] for x in runs[name]):.0f} | "
               f"{statistics.median(x['minor_faults_per_step'] for x in runs[name]):,.0f} | "
-              f"{statistics.median(x['compile']['first_step_s'] for x in runs[name]):.2f} | {ratio:.3f} |")
+              f"{statistics.median(x['peak_rss_mb'] for x in runs[name]):,.0f} | "
+              f"{statistics.median(x['compile']['first_step_s'] for x in runs[name]):.2f} | {ratio:.3f} | "
+              f"{cpu_ratio:.3f} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(runs, f, indent=1)

@@ -103,14 +103,15 @@ def build(shape: str, name: str):
     return {"dp": dp, "state": state, "batches": batches, "loss0": float(metrics["train/loss"])}
 
 
-def time_block(v, steps: int) -> float:
-    times = []
+def time_block(v, steps: int) -> tuple[float, float]:
+    """(median wall seconds per step, process CPU seconds per step) over `steps` steps."""
+    times, cpu0 = [], time.process_time()
     for i in range(steps):
         start = time.perf_counter()
         v["state"], metrics = v["dp"].train_step(v["state"], v["batches"][i % len(v["batches"])])
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu0) / steps
 
 
 def main():
@@ -126,17 +127,22 @@ def main():
           + ", ".join(f"{n} {v['loss0']:.5f}" for n, v in built.items()), file=sys.stderr)
     for n in names:
         time_block(built[n], 2)   # warm-up
-    med = {n: [] for n in names}
+    med, cpu = {n: [] for n in names}, {n: [] for n in names}
     for r in range(a.rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            med[n].append(time_block(built[n], a.block))
+            wall, used = time_block(built[n], a.block)
+            med[n].append(wall)
+            cpu[n].append(used)
     base = names[0]
     print(f"\n{a.shape}: {a.rounds} interleaved rounds x {a.block} steps; speedup = median over rounds of "
-          f"{base} step time / variant step time; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n")
-    print("| variant | step ms (median) | speedup vs " + base + " |\n|---|---|---|")
+          f"{base} / variant (wall step time; process CPU time per step); "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}\n")
+    print(f"| variant | step ms (median) | CPU ms/step | speedup vs {base} | CPU-time speedup |\n|---|---|---|---|---|")
     for n in names:
         speedup = statistics.median(b / x for b, x in zip(med[base], med[n]))
-        print(f"| {n} | {1e3 * statistics.median(med[n]):.1f} | {speedup:.3f} |")
+        cpu_speedup = statistics.median(b / x for b, x in zip(cpu[base], cpu[n]))
+        print(f"| {n} | {1e3 * statistics.median(med[n]):.1f} | {1e3 * statistics.median(cpu[n]):.0f} | "
+              f"{speedup:.3f} | {cpu_speedup:.3f} |")
 
 
 if __name__ == "__main__":

@@ -302,8 +302,8 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
         times.append(time.perf_counter() - start)
         i += 1
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    wall = time.perf_counter() - wall0
-    other = max(0.0, _other_cpu_seconds() - busy0 - (time.process_time() - cpu0))
+    wall, own_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    other = max(0.0, _other_cpu_seconds() - busy0 - own_cpu)
     last_loss = float(metrics["train/loss"])
     train_fn = step_lib.bind(spec)[0]
     one = batch(0)
@@ -326,6 +326,7 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
         "peak_rss_mb": usage1.ru_maxrss / 1024,
         "minor_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / len(times),
         "major_faults_per_step": (usage1.ru_majflt - usage0.ru_majflt) / len(times),
+        "cpu_ms_per_step": 1e3 * own_cpu / len(times),   # this process's CPU time: steadier than wall under load
         "other_cpu_frac": other / (wall * len(os.sched_getaffinity(0))),
         "first_loss": first_loss, "last_loss": last_loss,
         "env": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
