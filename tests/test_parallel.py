@@ -58,15 +58,74 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
 
 
+# ---- in this process (1 device) ----------------------------------------------------------------------------
+
+def test_grad_accumulation_equals_full_batch():
+    """4 micro-batches of B/4, summed then divided, == one step on B (3 steps, same data)."""
+    data = worker.batches(worker.tiny_config(), steps=3)
+    full, full_state, _, _ = worker.train(worker.tiny_config(), data)
+    accum, accum_state, _, _ = worker.train(worker.tiny_config(**{"train.grad_accum_steps": 4}), data)
+    assert _rel(full[:, 0], accum[:, 0]) < RTOL and _rel(full[:, 1], accum[:, 1]) < RTOL, (full, accum)
+    a = np.concatenate([x.ravel() for x in jax.tree.leaves(full_state.params)])
+    b = np.concatenate([x.ravel() for x in jax.tree.leaves(accum_state.params)])
+    assert _rel(a, b) < RTOL
+
+
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_bfloat16_trains_with_float32_params_and_optimizer(model):
+    config = worker.tiny_config(**{"model.name": model, "model.dtype": "bfloat16", "model.hidden_size": 32,
+                                   "optim.learning_rate": 1e-2, "train.batch_size": 8})
+    pattern = (np.arange(config.data.seq_len + 1)[None] * 3 + np.arange(8)[:, None]) % 7   # learnable sequences
+    data = [{"tokens": pattern.astype(np.int32)}] * 25
+    losses, host, _, _ = worker.train(config, data)
+    assert np.all(np.isfinite(losses[:, 0]))
+    assert losses[-1, 0] < 0.6 * losses[0, 0], losses[:, 0]   # ln 40 -> below ln 7
+    leaves = jax.tree.leaves((host.params, host.opt_state))
+    assert all(x.dtype in (np.float32, np.int32) for x in leaves), {x.dtype for x in leaves}
+
+
+def test_remat_gives_the_same_gradients():
+    batch = worker.batches(worker.tiny_config(), steps=1)[0]
+    grads, jaxprs = {}, {}
+    for remat in (False, True):
+        config = worker.tiny_config(**{"model.remat": remat, "model.dropout": 0.1})
+        dp, host = worker.build(config)
+        spec = dp._train_step.keywords["spec"]
+        key = jax.random.key(3)
+
+        def loss(p, spec=spec):
+            return step_lib.objective_sums(spec, p, batch, None, dropout_key=key)[0]["loss"]
+
+        grads[remat] = jax.jit(jax.grad(loss))(jax.tree.map(jnp.asarray, host.params))
+        jaxprs[remat] = str(jax.make_jaxpr(jax.grad(loss))(host.params))
+    assert "remat" in jaxprs[True] or "checkpoint" in jaxprs[True]
+    assert "remat" not in jaxprs[False] and "checkpoint" not in jaxprs[False]
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[False])])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[True])])
+    assert np.abs(a).max() > 0
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
 # ---- in one process with 8 simulated devices ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def strategies(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def _strategies_worker(tmp_path_factory):
+    """Started with the first test of the file, so it runs on the second core while the 1-device tests run."""
     out = str(tmp_path_factory.mktemp("strategies") / "out.npz")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), "strategies", out],
-                          env=_env(8, os.path.dirname(out)), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = open(out + ".log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), "strategies", out],
+                            env=_env(8, os.path.dirname(out)), stdout=log, stderr=subprocess.STDOUT)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def strategies(_strategies_worker):
+    proc, out = _strategies_worker
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, open(out + ".log").read()[-3000:]
     return dict(np.load(out))
 
 
@@ -119,54 +178,6 @@ def test_fsdp_spec_picks_largest_divisible_axis():
     assert parallel.fsdp_spec((), 4) == P()
     assert parallel.fsdp_spec((64, 64), 1) == P()
     assert parallel.fsdp_spec((64, 64), 2) == P("fsdp", None)   # ties: the first axis
-
-
-# ---- in this process (1 device) ----------------------------------------------------------------------------
-
-def test_grad_accumulation_equals_full_batch():
-    """4 micro-batches of B/4, summed then divided, == one step on B (3 steps, same data)."""
-    data = worker.batches(worker.tiny_config(), steps=3)
-    full, full_state, _, _ = worker.train(worker.tiny_config(), data)
-    accum, accum_state, _, _ = worker.train(worker.tiny_config(**{"train.grad_accum_steps": 4}), data)
-    assert _rel(full[:, 0], accum[:, 0]) < RTOL and _rel(full[:, 1], accum[:, 1]) < RTOL, (full, accum)
-    a = np.concatenate([x.ravel() for x in jax.tree.leaves(full_state.params)])
-    b = np.concatenate([x.ravel() for x in jax.tree.leaves(accum_state.params)])
-    assert _rel(a, b) < RTOL
-
-
-@pytest.mark.parametrize("model", ["gpt", "lstm"])
-def test_bfloat16_trains_with_float32_params_and_optimizer(model):
-    config = worker.tiny_config(**{"model.name": model, "model.dtype": "bfloat16", "model.hidden_size": 32,
-                                   "optim.learning_rate": 1e-2, "train.batch_size": 8})
-    pattern = (np.arange(config.data.seq_len + 1)[None] * 3 + np.arange(8)[:, None]) % 7   # learnable sequences
-    data = [{"tokens": pattern.astype(np.int32)}] * 25
-    losses, host, _, _ = worker.train(config, data)
-    assert np.all(np.isfinite(losses[:, 0]))
-    assert losses[-1, 0] < 0.6 * losses[0, 0], losses[:, 0]   # ln 40 -> below ln 7
-    leaves = jax.tree.leaves((host.params, host.opt_state))
-    assert all(x.dtype in (np.float32, np.int32) for x in leaves), {x.dtype for x in leaves}
-
-
-def test_remat_gives_the_same_gradients():
-    batch = worker.batches(worker.tiny_config(), steps=1)[0]
-    grads, jaxprs = {}, {}
-    for remat in (False, True):
-        config = worker.tiny_config(**{"model.remat": remat, "model.dropout": 0.1})
-        dp, host = worker.build(config)
-        spec = dp._train_step.keywords["spec"]
-        key = jax.random.key(3)
-
-        def loss(p, spec=spec):
-            return step_lib.objective_sums(spec, p, batch, None, dropout_key=key)[0]["loss"]
-
-        grads[remat] = jax.jit(jax.grad(loss))(jax.tree.map(jnp.asarray, host.params))
-        jaxprs[remat] = str(jax.make_jaxpr(jax.grad(loss))(host.params))
-    assert "remat" in jaxprs[True] or "checkpoint" in jaxprs[True]
-    assert "remat" not in jaxprs[False] and "checkpoint" not in jaxprs[False]
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[False])])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[True])])
-    assert np.abs(a).max() > 0
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
 # ---- through launch.py: device counts, checkpoints across them, processes ------------------------------------
