@@ -304,8 +304,9 @@ def test_two_sigints_stop_at_once_with_exit_130(tmp_path, common):
             proc.kill()
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
-    # (Orbax may add a line of its own when the second Ctrl-C lands while it waits for a save.)
-    assert lines[-1].startswith("launch.py: error: interrupted"), err
+    # Orbax may add a line of its own when the second Ctrl-C lands in a save (its writer thread is cut short).
+    ours = [line for line in lines if not line.startswith(("ERROR:absl:", "WARNING:absl:"))]
+    assert len(ours) == 1 and ours[0].startswith("launch.py: error: interrupted"), err
     assert "Traceback" not in err, err
     done = max(checkpoint_steps(workdir), default=0)   # whatever was complete is usable: the rerun resumes
     r = launch(f"--workdir={workdir}", *common, f"--config.train.steps={done + 2}")
