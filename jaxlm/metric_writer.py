@@ -218,10 +218,11 @@ def _drop_rows_after(path: str, step: int) -> None:
     kept = []
     for line in lines:
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), (int, float)) and row.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
