@@ -278,7 +278,13 @@ def exit_now_if_multiprocess(code: int, *, wait_seconds: float = 5.0) -> None:
     """
     if not is_multiprocess():
         return
+    import signal as signal_lib
     from jax._src import distributed
+    try:   # already exiting: a late Ctrl-C (often one per process) must not break the exit barrier
+        for sig in (signal_lib.SIGINT, signal_lib.SIGTERM):
+            signal_lib.signal(sig, signal_lib.SIG_IGN)
+    except ValueError:   # not the main thread
+        pass
     try:
         distributed.global_state.client.wait_at_barrier("jaxlm-exit", int(wait_seconds * 1000))
         return
@@ -351,6 +357,21 @@ def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) 
     thread = threading.Thread(target=watch, name="jaxlm-peer-watchdog", daemon=True)
     thread.start()
     return thread
+
+
+def agree_on_signal(raised: str | None) -> str | None:
+    """Multi-process: the signal name any process has caught (or None), the same on every process.
+
+    Each process catches SIGINT/SIGTERM on its own, possibly a step apart; checkpointing at different steps
+    would leave Orbax's cross-process barriers waiting forever.  Every process must call this at the same
+    steps (it is one tiny all-gather)."""
+    if jax.process_count() == 1:
+        return raised
+    import signal as signal_lib
+    from jax.experimental import multihost_utils
+    codes = multihost_utils.process_allgather(np.int32(signal_lib.Signals[raised].value if raised else 0))
+    code = int(np.max(codes))
+    return signal_lib.Signals(code).name if code else None
 
 
 def check_batch_divisible(batch_size: int, grad_accum_steps: int) -> str | None:

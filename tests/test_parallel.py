@@ -7,7 +7,8 @@
 * through launch.py: 8 devices == 1 device; a checkpoint written on 8 devices resumes on 1 and vice versa
   and the continued run matches the uninterrupted one;
 * 2 processes x 2 devices on 127.0.0.1 (scripts/launch_local.py, fsdp=2 across processes) == 1 process;
-* killing one of 2 processes makes the survivor exit 4 with a clear message, not hang;
+* killing one of 2 processes makes the survivor exit 4 with a clear message, not hang; Ctrl-C reaching 2
+  processes at different steps stops both at one agreed step with one checkpoint;
 * bf16 compute trains (loss falls) with float32 params and optimizer state; remat gives the same gradients.
 
 Parameters are compared as max|a - b| / max|a| over the whole model: Adam turns the float rounding noise of
@@ -320,6 +321,34 @@ def test_killed_peer_makes_survivor_exit_with_a_clear_message(corpus, tmp_path, 
     else:
         assert survivor.returncode != 0, err[-2000:]
         assert "another task died" in err or "stopped responding" in err or "coordination service" in err, err[-2000:]
+
+
+def test_interrupt_stops_every_process_at_the_same_step(corpus, tmp_path):
+    """Ctrl-C reaching the 2 processes 0.5 s apart: they agree on the step, checkpoint it once and exit 130."""
+    workdir = str(tmp_path / "sigint")
+    address = f"127.0.0.1:{launch_local.free_port()}"
+    args = _launch_args(corpus, workdir, steps=100000, log_every=4)
+    procs = [subprocess.Popen([sys.executable, LAUNCH, *args, f"--coordinator_address={address}",
+                               "--num_processes=2", f"--process_id={i}"], env=_env(1, str(tmp_path)), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 1000):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [130, 130], [e[-1500:] for e in errs]
+    steps = [int(e.split("interrupted by SIGINT at step ")[1].split(";")[0]) for e in errs]
+    assert steps[0] == steps[1] and steps[0] % 4 == 0, steps   # agreed at a log_every boundary
+    assert str(steps[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
 def test_initialize_distributed_rejects_partial_flags():
