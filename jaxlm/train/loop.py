@@ -175,18 +175,21 @@ def _train_loop(run: Run, signals: _SignalFlag) -> None:
         if last_time is None:      # the first step includes compilation: time from its end
             jax.block_until_ready(metrics)
             last_time, last_step = time.perf_counter(), done
-        if done % c.log_every == 0 or done == c.steps or signals.raised or done % c.checkpoint_every == 0:
+        raised = signals.raised
+        if jax.process_count() > 1:   # every process must stop (and checkpoint) at the same step
+            raised = parallel.agree_on_signal(raised) if done % c.log_every == 0 else None
+        if done % c.log_every == 0 or done == c.steps or raised or done % c.checkpoint_every == 0:
             if pending:
                 skipped += _write_train_metrics(run, done, pending, last_time, last_step, tokens_per_step, peak,
                                                 skipped)
                 last_time, last_step, pending = time.perf_counter(), done, []
         if done % c.eval_every == 0 and done != c.steps:
             evaluate(run, done)
-        if (done % c.checkpoint_every == 0 and done != c.steps) or signals.raised:
+        if (done % c.checkpoint_every == 0 and done != c.steps) or raised:
             _save(run, done)
-        if signals.raised:
-            run.writer.log(f"{signals.raised}: checkpoint saved at step {done}; rerun the same command to resume")
-            raise Interrupted(f"interrupted by {signals.raised} at step {done}; checkpoint saved")
+        if raised:
+            run.writer.log(f"{raised}: checkpoint saved at step {done}; rerun the same command to resume")
+            raise Interrupted(f"interrupted by {raised} at step {done}; checkpoint saved")
 
 
 def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_step, peak, skipped) -> int:
