@@ -295,11 +295,32 @@ def exit_now_if_multiprocess(code: int, *, wait_seconds: float = 5.0) -> None:
     os._exit(code)
 
 
+_LOST_PEER_SIGNS = ("Gloo", "gloo", "DEADLINE_EXCEEDED", "Connection reset", "UNAVAILABLE", "heartbeat")
+
+
 def _exit_at_once_after_traceback(exc_type, exc, tb):
-    sys.__excepthook__(exc_type, exc, tb)
-    print(f"launch.py: error: process {jax.process_index()} of {jax.process_count()} failed (traceback above)",
-          file=sys.stderr, flush=True)
-    exit_now_if_multiprocess(1)
+    """sys.excepthook of a multi-process run: a collective that failed because a peer died gets one clear line
+    and exit code EXIT_PEER_LOST; anything else its traceback and exit code 1.  Either way without hanging
+    in JAX's shutdown barrier when the other processes are not exiting too."""
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, jax.errors.JaxRuntimeError) and any(sign in text for sign in _LOST_PEER_SIGNS):
+        print(f"launch.py: error: {where}: a collective with the other processes failed ({text[:200]}); "
+              "another process probably died; exiting (the run cannot continue without it: restart all "
+              "processes with the same command to resume from the last checkpoint)", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
+        print(f"launch.py: error: {where} failed (traceback above)", file=sys.stderr, flush=True)
+        code = 1
+    exit_now_if_multiprocess(code)   # returns only when every process is exiting too
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) -> threading.Thread | None:
