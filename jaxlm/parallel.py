@@ -303,8 +303,12 @@ def _exit_at_once_after_traceback(exc_type, exc, tb):
     and exit code EXIT_PEER_LOST; anything else its traceback and exit code 1.  Either way without hanging
     in JAX's shutdown barrier when the other processes are not exiting too."""
     where = f"process {jax.process_index()} of {jax.process_count()}"
-    text = " ".join(str(exc).split())
-    if isinstance(exc, jax.errors.JaxRuntimeError) and any(sign in text for sign in _LOST_PEER_SIGNS):
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 8:   # Orbax and others wrap the runtime error
+        chain.append(" ".join(str(cause).split()))
+        cause = cause.__cause__ or cause.__context__
+    text = next((t for t in chain if any(sign in t for sign in _LOST_PEER_SIGNS)), None)
+    if text is not None:
         print(f"launch.py: error: {where}: a collective with the other processes failed ({text[:200]}); "
               "another process probably died; exiting (the run cannot continue without it: restart all "
               "processes with the same command to resume from the last checkpoint)", file=sys.stderr, flush=True)
