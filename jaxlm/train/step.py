@@ -103,8 +103,11 @@ def _grad_sums(spec: StepSpec, params, batch, carry, key):
     if n == 1:
         grads, (sums, carry) = grad_fn(params, batch, carry, key)
         return grads, sums, carry
-    micro_batches = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-    micro_carry = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), carry)
+    # micro-batch i = rows i, i+n, i+2n, ...: strided, so each micro-batch stays spread over every device of
+    # the data axis (contiguous slices would land on a few devices and make XLA all-gather the batch)
+    split = lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    micro_batches = jax.tree.map(split, batch)
+    micro_carry = jax.tree.map(split, carry)
 
     def body(acc, xs):
         micro, c, i = xs
@@ -116,7 +119,7 @@ def _grad_sums(spec: StepSpec, params, batch, carry, key):
                                                       dropout_key=key, mask_key=key)[0])
     zeros = jax.tree.map(jnp.zeros_like, (params, zero_sums))
     (grads, sums), new_carry = jax.lax.scan(body, zeros, (micro_batches, micro_carry, jnp.arange(n)))
-    return grads, sums, jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), new_carry)
+    return grads, sums, jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), new_carry)
 
 
 def train_step(state, batch, *, spec: StepSpec):
