@@ -9,6 +9,9 @@ variant's step is traced, then restore it):
   attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
   attn_bhtd   q, k, v transposed to [B, H, T, Dh] before the two attention einsums
   attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
+  attn_deferred  softmax normalisation after the PV matmul: (exp(s - max) @ v) / sum (flash-attention style)
+  ln_fold     both LayerNorms of each block folded into the following matmul: n(x) @ (g W) + (beta W + b)
+  ln_fold_deferred  ln_fold + attn_deferred
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
@@ -33,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm import bench  # noqa: E402
-from jaxlm.models import attention, lstm  # noqa: E402
+from jaxlm.models import attention, lstm, transformer  # noqa: E402
 
 
 def _causal_out(self, x, y_fn):
@@ -70,21 +73,72 @@ def attn_dpa(self, x, mask=None):
     return _causal_out(self, x, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
 
 
-PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa}
+def _deferred(q, k, v):
+    """Causal attention with the softmax normalisation applied after the PV matmul (flash-attention style):
+    y = (exp(s - max) @ v) / sum(exp(s - max)); the [B, H, T, T] weights are never divided."""
+    t = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, attention.NEG)
+    p = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    y = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+    return y / p.sum(axis=-1).transpose(0, 2, 1)[..., None].astype(y.dtype)
+
+
+def attn_deferred(self, x, mask=None):
+    assert mask is None and self.causal
+    return _causal_out(self, x, _deferred)
+
+
+def _normalize(x, eps):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _folded(ln, linear, x):
+    """linear(ln(x)) with the LayerNorm's scale and bias folded into the matmul: n(x) @ (g W) + (beta W + b)."""
+    w, g, beta = linear.kernel[...], ln.scale[...], ln.bias[...]
+    return _normalize(x, ln.epsilon) @ (g[:, None] * w) + (beta @ w + linear.bias[...])
+
+
+def block_ln_fold(self, x, mask=None, dropout_key=None):
+    """transformer.Block with both LayerNorms folded into the next matmul (no [B, T, d] scale broadcast)."""
+    assert mask is None and dropout_key is None or self.rate == 0.0
+    b, t, d = x.shape
+    a = self.attn
+    qkv = _folded(self.ln1, a.qkv, x).reshape(b, t, 3, a.num_heads, d // a.num_heads)
+    y = _deferred(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]) if FOLD_DEFERRED else None
+    if y is None:
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        w = attention.attention_weights(q, k, causal=True)
+        y = jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), v)
+    x = x + a.out(y.reshape(b, t, d))
+    m = self.mlp
+    return x + m.proj(jax.nn.gelu(_folded(self.ln2, m.fc, x), approximate=m.gelu_approximate))
+
+
+FOLD_DEFERRED = False
+PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa, "attn_deferred": attn_deferred}
+BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}}
 
 
 @contextlib.contextmanager
 def patched(name):
-    original, fused = attention.MultiHeadAttention.__call__, lstm.lstm_scan_fused
+    global FOLD_DEFERRED
+    original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
+    if name in BLOCK_PATCHES:
+        transformer.Block.__call__ = BLOCK_PATCHES[name]
+        FOLD_DEFERRED = name.endswith("deferred")
     if name == "lstm_autodiff":
         lstm.lstm_scan_fused = lstm.lstm_scan_reference
     try:
         yield
     finally:
-        attention.MultiHeadAttention.__call__, lstm.lstm_scan_fused = original, fused
+        attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
+        lstm.lstm_scan_fused = fused
 
 
 def build(shape: str, name: str):
