@@ -271,7 +271,7 @@ def test_sigterm_saves_a_checkpoint_exits_130_and_the_rerun_resumes(tmp_path, co
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err, err
     step = checkpoint_steps(workdir)[-1]
-    assert f"at step {step}" in lines[0] and checkpoint_steps(workdir) == [step]   # saved where it stopped
+    assert f"at step {step}" in lines[0]    # saved where it stopped (a periodic save may precede it)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert rows[-1]["step"] == step                                   # metrics flushed up to the last step
     assert glob.glob(os.path.join(workdir, "events.out.tfevents*"))
