@@ -46,7 +46,7 @@ def random_windows(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
     Returns:
       int32 [batch_size // process_count, length]; row i is ``tokens[s_i : s_i + length]``.
     """
-    local = _local_rows(batch_size, process_count, process_index)
+    local = local_rows(batch_size, process_count, process_index)
     _check_length(tokens, length, split)
     rng = np.random.default_rng((int(seed) % 2**64, int(step)))
     starts = rng.integers(0, len(tokens) - length + 1, size=batch_size)
@@ -65,7 +65,7 @@ def stream_windows(tokens: np.ndarray, *, step: int, batch_size: int, length: in
     Returns:
       int32 [batch_size // process_count, length].
     """
-    local = _local_rows(batch_size, process_count, process_index)
+    local = local_rows(batch_size, process_count, process_index)
     span = len(tokens) // batch_size
     if span < length:
         raise UserError(f"the {split} split has {len(tokens)} tokens: {batch_size} streams (train.batch_size) of "
@@ -87,14 +87,14 @@ def eval_windows(tokens: np.ndarray, *, batch_size: int, num_batches: int, lengt
     Returns:
       A list of ``num_batches`` int32 arrays [batch_size // process_count, length].
     """
-    local = _local_rows(batch_size, process_count, process_index)
+    local = local_rows(batch_size, process_count, process_index)
     _check_length(tokens, length, split)
     total = batch_size * num_batches
     starts = np.arange(total, dtype=np.int64) * (len(tokens) - length) // max(total - 1, 1)
     return [_gather(tokens, starts[i * batch_size:(i + 1) * batch_size][local], length) for i in range(num_batches)]
 
 
-def _local_rows(batch_size: int, process_count: int, process_index: int) -> slice:
+def local_rows(batch_size: int, process_count: int, process_index: int) -> slice:
     """The rows of the global batch that process ``process_index`` keeps."""
     if batch_size <= 0 or batch_size % process_count:
         raise UserError(f"invalid train.batch_size={batch_size}: must be a positive multiple of the "

@@ -53,7 +53,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import tokenizers
+from jaxlm.data import batching, tokenizers
 from jaxlm.errors import UserError
 
 TASKS = ("recall", "copy", "dyck", "adding")
@@ -361,7 +361,7 @@ class SyntheticDataset:
         return w
 
     def _batch(self, entropy, batch_size: int, process_index: int, process_count: int) -> dict:
-        rows = _local_rows(batch_size, process_index, process_count)
+        rows = batching.local_rows(batch_size, process_count, process_index)
         tokens = self._generate(entropy, batch_size)[rows]   # the global batch, then this process's rows
         return {"tokens": tokens, "weights": self.weights(len(tokens))}
 
@@ -383,15 +383,6 @@ class SyntheticDataset:
         return [self._batch(self._eval_entropy(i), batch_size, process_index, process_count)
                 for i in range(num_batches)]
 
-
-def _local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-    if batch_size <= 0 or batch_size % process_count:
-        raise UserError(f"invalid train.batch_size={batch_size}: must be a positive multiple of the "
-                        f"number of processes ({process_count})")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    local = batch_size // process_count
-    return slice(process_index * local, (process_index + 1) * local)
 
 
 def build_dataset(config, workdir: str | None = None) -> SyntheticDataset:
