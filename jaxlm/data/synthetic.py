@@ -384,7 +384,6 @@ class SyntheticDataset:
                 for i in range(num_batches)]
 
 
-
 def build_dataset(config, workdir: str | None = None) -> SyntheticDataset:
     """The dataset of ``config.data.source = synthetic:TASK`` (``workdir`` is unused: nothing is built from data)."""
     del workdir
