@@ -48,10 +48,14 @@ def _params(workdir):
     return trained.step, [np.asarray(x) for x in jax.tree.leaves(trained.params)]
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus):
-    """2N steps straight vs N steps, a fresh process, N more: identical parameters and logged losses."""
+@pytest.mark.parametrize("model", [["--config.model.name=gpt"],
+                                   ["--config.model.name=lstm", "--config.model.hidden_size=32",
+                                    "--config.train.stateful=True"]], ids=["gpt", "stateful_lstm"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus, model):
+    """2N steps straight vs N steps, a fresh process, N more: identical parameters and logged losses
+    (for the stateful LSTM this also checks that the carried (h, c) survives the restart)."""
     common = [f"--config.data.source=text:{corpus}", "--config.optim.schedule=constant",
-              "--config.optim.warmup_steps=0", "--config.model.dropout=0.1", *TINY]
+              "--config.optim.warmup_steps=0", "--config.model.dropout=0.1", *TINY, *model]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     r = launch(f"--workdir={straight}", "--config.train.steps=16", *common)
     assert r.returncode == 0, r.stderr
