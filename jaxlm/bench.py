@@ -17,7 +17,8 @@ FLOPs per token:
   * formula: models.FLOPS_PER_TOKEN (6N + attention; the MFU numerator, as in training's train/mfu);
   * xla: the compiled step's cost analysis.  XLA counts every op (elementwise too, and full T x T
     attention scores), but counts the body of a while loop ONCE, so for recurrent models (lax.scan over
-    time) it is far below the truth: read it for transformers only;
+    time) it misses all but one step of the recurrence (LSTM small: 0.68x the formula): read it for
+    transformers only;
   * jaxpr: matrix-multiply FLOPs of the step's jaxpr, with scan bodies counted `length` times.
 
 The allocator matters as much as the code (shared/bench/README.md): launch.py re-executes itself with
