@@ -6,6 +6,7 @@ Variants (jaxlm code is not modified: the attention ones patch MultiHeadAttentio
 variant's step is traced, then restore it):
   base        the current code (exact GELU)
   tanh_gelu   config model.gelu_approximate=True (a different function: tanh-approximate GELU)
+  bf16        config model.dtype=bfloat16 (bf16 compute, f32 parameters and optimizer state)
   attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
   attn_bhtd   q, k, v transposed to [B, H, T, Dh] before the two attention einsums
   attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
@@ -120,7 +121,7 @@ def block_ln_fold(self, x, mask=None, dropout_key=None):
 FOLD_DEFERRED = False
 PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa, "attn_deferred": attn_deferred}
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
-OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}}
+OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"}}
 
 
 @contextlib.contextmanager
