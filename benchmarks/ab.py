@@ -9,7 +9,10 @@ starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as launch.py gives users, unl
   python benchmarks/ab.py --shape=gpt_small --rounds=4 \\
       --variant='base' \\
       --variant='ynn XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot' \\
-      --variant='tanh model.gelu_approximate=True'
+      --variant='tanh model.gelu_approximate=True' \\
+      --variant="dev2 'XLA_FLAGS=--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false'"
+
+Settings are split like a shell command line (shlex), so quote a value that has spaces.
 
 Prints per-round tokens/s and, per variant, the median over rounds of (variant / first variant) in the
 same round: on a shared, noisy machine only such paired ratios mean something.  The CPU-time ratio (the
@@ -23,6 +26,7 @@ import argparse
 import ast
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -35,7 +39,7 @@ HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def parse_variant(spec: str):
-    name, *settings = spec.split()
+    name, *settings = shlex.split(spec)
     env, overrides = {}, {}
     for setting in settings:
         key, _, value = setting.partition("=")
