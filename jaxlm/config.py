@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.gelu_approximate = False  # tanh-approximate GELU: faster on CPU, a (slightly) different function
     c.model.forget_bias = 1.0        # LSTM forget-gate bias at init (Gers et al. 2000; Jozefowicz et al. 2015)
     c.model.lstm_init = "default"    # default | chrono (Tallec & Ollivier 2018: forget bias ~ log U(1, max_len))
+    c.model.embed_init_std = 0.0     # token-embedding init std; 0 = the model's default (0.02 gpt/bert, 1/sqrt(d_model) recurrent)
     c.model.remat = False            # rematerialise blocks in the backward pass (less memory, more compute)
 
     c.data = ml_collections.ConfigDict()
@@ -181,7 +182,7 @@ def validate(config) -> None:
             _fail(key, value, "must be in [0, 1)")
     if not 0.0 < d.valid_fraction:
         _fail("data.valid_fraction", d.valid_fraction, "must be in (0, 1): evaluation needs a validation split")
-    for key in ("model.projection_size", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+    for key in ("model.projection_size", "model.embed_init_std", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                 "optim.min_learning_rate", "data.vocab_size", "data.max_corpus_bytes", "train.sample_length"):
         if _get(config, key) < 0:
             _fail(key, _get(config, key), "must be >= 0")

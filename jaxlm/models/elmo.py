@@ -72,7 +72,8 @@ class ELMo(nnx.Module):
         self.dropout_rate = float(cfg.dropout)
         self.num_layers = cfg.num_layers
         d = cfg.d_model
-        self.embedding = layers.Embed(vocab_size, d, dtype=self.dtype, rngs=rngs)
+        self.embedding = layers.Embed(vocab_size, d, dtype=self.dtype, rngs=rngs,
+                                      std=layers.embedding_std(cfg, recurrent=True))
 
         def make_stack():
             return nnx.List([lstm.LSTMLayer(d, cfg.hidden_size, d, forget_bias=cfg.forget_bias,

@@ -55,6 +55,19 @@ def compute_dtype(cfg):
     return jnp.dtype(cfg.dtype)
 
 
+def embedding_std(cfg, *, recurrent: bool) -> float:
+    """The token-embedding init std: cfg.embed_init_std, or the model family's default when it is 0.
+
+    Transformers: 0.02 (GPT-2; LayerNorm follows, so the scale does not matter much).  Recurrent models:
+    1/sqrt(d_model), rows of unit norm (the fan-in scaling of flax's Embed).  Recurrent layers see the
+    embedding through un-normalised gates, and at 0.02 the input reaches the LSTM cell ~100x weaker than
+    its recurrent signal: the LSTM then sat at chance on delayed recall at d = 10 for 500-2,000 steps.
+    """
+    if cfg.embed_init_std > 0:
+        return float(cfg.embed_init_std)
+    return 1.0 / math.sqrt(cfg.d_model) if recurrent else INIT_STD
+
+
 class Embed(nnx.Module):
     """Token embedding table [vocab, d] whose transpose is also the output layer (weight tying).
 
@@ -62,9 +75,9 @@ class Embed(nnx.Module):
     ``logits = h @ E^T`` (:meth:`attend`).
     """
 
-    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, num_embeddings: int, features: int, *, dtype, rngs: nnx.Rngs, std: float = INIT_STD):
         self.dtype = dtype
-        self.embedding = nnx.Param(normal_init()(rngs.params(), (num_embeddings, features), jnp.float32))
+        self.embedding = nnx.Param(normal_init(std)(rngs.params(), (num_embeddings, features), jnp.float32))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids int [...] -> vectors [..., d] in the compute dtype."""

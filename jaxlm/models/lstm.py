@@ -277,7 +277,8 @@ class RNNLM(nnx.Module):
     def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs, fused: bool = True):
         self.dtype = layers.compute_dtype(cfg)
         self.dropout_rate = float(cfg.dropout)
-        self.embedding = layers.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs)
+        self.embedding = layers.Embed(vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs,
+                                      std=layers.embedding_std(cfg, recurrent=True))
         stack = []
         width = cfg.d_model
         for _ in range(cfg.num_layers):

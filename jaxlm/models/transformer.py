@@ -51,7 +51,8 @@ class Transformer(nnx.Module):
         self.max_len = int(cfg.max_len)
         self.rate = float(cfg.dropout)
         self.remat = bool(cfg.remat)
-        self.token_embed = layers.Embed(vocab_size, d, dtype=dtype, rngs=rngs)
+        self.token_embed = layers.Embed(vocab_size, d, dtype=dtype, rngs=rngs,
+                                        std=layers.embedding_std(cfg, recurrent=False))
         self.pos_embed = layers.PositionEmbed(self.max_len, d, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, causal=causal, rngs=rngs) for _ in range(cfg.num_layers)])
         self.ln_f = layers.layer_norm(d, dtype=dtype, rngs=rngs)

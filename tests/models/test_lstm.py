@@ -184,6 +184,17 @@ def test_forget_bias_init():
     np.testing.assert_array_equal(model.layers[0].b[24:48], 1.0)
 
 
+@pytest.mark.parametrize("name", ["rnn", "lstm"])
+def test_recurrent_embedding_init_has_unit_norm_rows(name):
+    # GPT-2's 0.02 starves un-normalised recurrent gates of input (the LSTM then failed recall at d = 10)
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    table = np.asarray(cls(_cfg(name, d_model=64), 3000, rngs=nnx.Rngs(params=0)).embedding.embedding[...])
+    np.testing.assert_allclose(table.std(), 1 / 8, rtol=0.02)
+    np.testing.assert_allclose(np.linalg.norm(table, axis=1).mean(), 1.0, rtol=0.02)
+    custom = cls(_cfg(name, d_model=64, embed_init_std=0.3), 3000, rngs=nnx.Rngs(params=0))
+    np.testing.assert_allclose(np.asarray(custom.embedding.embedding[...]).std(), 0.3, rtol=0.02)
+
+
 def test_chrono_init():
     t_max = 50
     b = np.asarray(lstm.lstm_bias_init(jax.random.key(0), 2000, lstm_init="chrono", max_len=t_max))
