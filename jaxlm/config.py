@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_length = 200      # characters/tokens of the text sample logged at each eval
     c.train.grad_accum_steps = 1
     c.train.skip_nonfinite = False
+    c.train.stop_at_accuracy = 0.0   # > 0: stop once a logged train/accuracy reaches it (e.g. 0.99 = task solved)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -200,6 +201,8 @@ def validate(config) -> None:
         _fail("train.stateful", t.stateful, f"only recurrent models ({', '.join(RECURRENT_MODELS)}) carry state")
     if t.stateful and m.name == "elmo":
         _fail("train.stateful", t.stateful, "elmo's backward direction cannot carry state across segments")
+    if not 0.0 <= t.stop_at_accuracy <= 1.0:
+        _fail("train.stop_at_accuracy", t.stop_at_accuracy, "must be in [0, 1] (0 = train all train.steps)")
     for beta in ("optim.beta1", "optim.beta2"):
         if not 0.0 <= _get(config, beta) < 1.0:
             _fail(beta, _get(config, beta), "must be in [0, 1)")

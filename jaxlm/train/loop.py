@@ -42,6 +42,7 @@ class Run:
     flops_per_token: float
     num_params: int
     model_initial_carry: object = None   # batch_size -> zero recurrent state (stateful runs)
+    stopped_at: int | None = None        # the step train.stop_at_accuracy stopped training at (resumed runs too)
 
 
 def setup(config, workdir: str, *, restart: bool = False, for_training: bool = True) -> Run:
@@ -64,9 +65,10 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
     restored = checkpointer.restore_latest(host_state)
-    start_step = 0
+    start_step, stopped_at = 0, None
     if restored is not None:
-        start_step, host_state, _ = restored
+        start_step, host_state, meta = restored
+        stopped_at = meta.get("stopped_at_accuracy") and start_step
     elif not for_training:
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
     if jax.process_index() == 0 and for_training:
@@ -77,7 +79,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     return Run(config=config, workdir=workdir, dataset=dataset, graphdef=graphdef, spec=spec, dp=dp,
                checkpointer=checkpointer, writer=writer, state=dp.place_state(host_state), start_step=int(start_step),
                flops_per_token=flops, num_params=models.count_params(params),
-               model_initial_carry=lambda b: jax.tree.map(np.asarray, model.initial_carry(b)))
+               model_initial_carry=lambda b: jax.tree.map(np.asarray, model.initial_carry(b)), stopped_at=stopped_at)
 
 
 def _set_aside_previous_run(workdir: str) -> None:
@@ -133,15 +135,18 @@ class _SignalFlag:
 
 
 def train(config, workdir: str, *, restart: bool = False) -> dict:
-    """Train to config.train.steps (resuming if the workdir has a checkpoint); returns the final eval metrics."""
+    """Train to config.train.steps (resuming if the workdir has a checkpoint); returns the final eval metrics.
+
+    With ``train.stop_at_accuracy`` > 0 training ends early once a logged train/accuracy reaches it; the final
+    eval, the checkpoint and ``train/steps_trained`` are then at that step (a rerun does not train on)."""
     run = setup(config, workdir, restart=restart)
     try:
         _log_start(run)
         with _SignalFlag() as signals:   # also over the final eval and save: a signal there lets them finish
-            _train_loop(run, signals)
-            final = evaluate(run, int(config.train.steps))
-            _save(run, int(config.train.steps))
-        return final
+            last = run.stopped_at or _train_loop(run, signals)
+            final = evaluate(run, last)
+            _save(run, last)
+        return {**final, "train/steps_trained": last}
     finally:
         run.checkpointer.close()
         run.writer.close()
@@ -160,7 +165,8 @@ def _log_start(run: Run) -> None:
         run.writer.write_hparams(hparams, ["eval/loss", "eval/perplexity", "train/loss"])
 
 
-def _train_loop(run: Run, signals: _SignalFlag) -> None:
+def _train_loop(run: Run, signals: _SignalFlag) -> int:
+    """Steps from run.start_step; returns the last step trained (train.steps, or where stop_at_accuracy hit)."""
     c = run.config.train
     pending, last_time, last_step = [], None, run.start_step
     peak = perf.peak_flops(run.config.model.dtype)
@@ -180,9 +186,15 @@ def _train_loop(run: Run, signals: _SignalFlag) -> None:
             raised = parallel.agree_on_signal(raised) if done % c.log_every == 0 else None
         if done % c.log_every == 0 or done == c.steps or raised or done % c.checkpoint_every == 0:
             if pending:
-                skipped += _write_train_metrics(run, done, pending, last_time, last_step, tokens_per_step, peak,
-                                                skipped)
+                means = _write_train_metrics(run, done, pending, last_time, last_step, tokens_per_step, peak,
+                                             skipped)
+                skipped = means.get("train/skipped_steps", 0)
                 last_time, last_step, pending = time.perf_counter(), done, []
+                if 0 < c.stop_at_accuracy <= means["train/accuracy"] and done < c.steps and not raised:
+                    run.writer.log(f"step {done}: train/accuracy {means['train/accuracy']:.4f} >= "
+                                   f"train.stop_at_accuracy={c.stop_at_accuracy}: training stops here")
+                    run.stopped_at = done
+                    return done
         if done % c.eval_every == 0 and done != c.steps:
             evaluate(run, done)
         if (done % c.checkpoint_every == 0 and done != c.steps) or raised:
@@ -190,10 +202,11 @@ def _train_loop(run: Run, signals: _SignalFlag) -> None:
         if raised:
             run.writer.log(f"{raised}: checkpoint saved at step {done}; rerun the same command to resume")
             raise Interrupted(f"interrupted by {raised} at step {done}; checkpoint saved")
+    return int(c.steps)
 
 
-def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_step, peak, skipped) -> int:
-    """Fetch the pending per-step metrics (blocks on the device), check them, log means. Returns new skips."""
+def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_step, peak, skipped) -> dict:
+    """Fetch the pending per-step metrics (blocks on the device), check them, log and return their means."""
     host = jax.device_get(pending)
     elapsed = time.perf_counter() - since_time
     n_steps = max(step - since_step, 1)
@@ -214,11 +227,11 @@ def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_
         means["train/skipped_steps"] = skipped + nonfinite
     run.writer.write_scalars(step, means)
     run.writer.progress(step, loss=means["train/loss"], tokens_per_sec=tokens_per_sec)
-    return nonfinite
+    return means
 
 
 def _save(run: Run, step: int) -> None:
-    meta = {"config": run.config.to_dict(), "step": step}
+    meta = {"config": run.config.to_dict(), "step": step, "stopped_at_accuracy": run.stopped_at == step}
     run.checkpointer.save(step, run.dp.to_host(run.state), meta)
 
 
