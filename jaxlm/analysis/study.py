@@ -66,7 +66,7 @@ SIZES = {
 TASKS = ("lm", "recall")
 RESULT_FIELDS = {
     "lm": ("params", "eval_loss", "effective_context", "sensitivity", "ablation"),
-    "recall": ("params", "eval_loss", "accuracy", "stderr", "distance"),
+    "recall": ("params", "eval_loss", "accuracy", "stderr", "distance", "steps_trained"),
 }
 MARKER = "study_run.json"
 
@@ -91,6 +91,9 @@ def check_study(s) -> None:
     distances = _csv(s.distances, int)
     if s.seeds and (not distances or min(distances) < 1):
         raise UserError(f"invalid study.distances={s.distances!r}: comma-separated integers >= 1")
+    if not 0.0 <= s.stop_at_accuracy <= 1.0:
+        raise UserError(f"invalid study.stop_at_accuracy={s.stop_at_accuracy!r}: must be in [0, 1] (0 = always train "
+                        "study.recall_steps)")
     bad = [m for m in _csv(s.ablation_modes) if m not in hooks.ABLATION_MODES]
     if bad:
         raise UserError(f"invalid study.ablation_modes={s.ablation_modes!r}: choose from {', '.join(hooks.ABLATION_MODES)}")
@@ -146,7 +149,9 @@ def recall_config(base, s, variant: str, seed: int, distance: int):
     c.data.distance, c.data.num_symbols, c.data.filler = int(distance), int(s.num_symbols), s.filler
     c.data.seq_len = c.model.max_len = synthetic.min_seq_len("recall", int(distance))
     c.objective.name = ""
-    return _common(c, s, seed, s.recall_steps, s.recall_batch_size)
+    c = _common(c, s, seed, s.recall_steps, s.recall_batch_size)
+    c.train.stop_at_accuracy = float(s.stop_at_accuracy)   # a solved task needs no more steps
+    return c
 
 
 def _finished(workdir: str, config) -> dict | None:
@@ -190,7 +195,7 @@ def run_recall(config, workdir: str, s) -> dict:
     acc = tasks.run_accuracy_at_distance(trained, [d], num_batches=int(s.probe_batches), batch_size=64)[d]
     return {"params": models.count_params(trained.params), "eval_loss": metrics["eval/loss"], "distance": d,
             "accuracy": acc["accuracy"], "stderr": acc["stderr"], "num_answers": acc["num_answers"],
-            "train_seconds": round(time.time() - start, 1)}
+            "steps_trained": int(metrics["train/steps_trained"]), "train_seconds": round(time.time() - start, 1)}
 
 
 def plan(config) -> list[tuple[str, str, int, int | None, object]]:

@@ -50,10 +50,12 @@ def summarize(results: dict, config) -> dict:
     for variant, seeds in results["recall"].items():
         runs = list(seeds.values())
         distances = sorted({int(d) for r in runs for d in r})
-        row = {"params": next(iter(runs[0].values()))["params"], "seeds": len(runs), "accuracy": {}, "solved": {}}
+        row = {"params": next(iter(runs[0].values()))["params"], "seeds": len(runs), "accuracy": {}, "solved": {},
+               "steps_trained": {}}
         for d in distances:
             accs = [r[str(d)]["accuracy"] for r in runs if str(d) in r]
             row["accuracy"][str(d)] = _mean_std(accs)
+            row["steps_trained"][str(d)] = _mean_std([r[str(d)].get("steps_trained", np.nan) for r in runs if str(d) in r])
             row["solved"][str(d)] = [int(sum(a >= THRESHOLDS["solved"] for a in accs)), len(accs)]
         out["recall"][variant] = row
     return out
@@ -364,4 +366,13 @@ def _recall_section(rec: dict, s: dict, out: dict) -> list[str]:
     for v, r in rec.items():
         lines.append(f"| {v} | {r['params']:,} | "
                      + " | ".join(_fmt_acc(r, d) if str(d) in r["accuracy"] else "" for d in ds) + " |")
+    stop = s.get("stop_at_accuracy", 0)
+    if stop:
+        lines += ["", f"Steps trained (mean ± std over seeds): a run stops once its train accuracy reaches {stop}, "
+                  f"so fewer than {s['recall_steps']} steps means solved that fast; the full budget means not solved "
+                  "(or solved only at the end).", "",
+                  "| model | " + " | ".join(f"d = {d}" for d in ds) + " |", "|---|" + "---|" * len(ds)]
+        for v, r in rec.items():
+            lines.append(f"| {v} | " + " | ".join("%.0f ± %.0f" % tuple(r["steps_trained"][str(d)])
+                                                  if str(d) in r["steps_trained"] else "" for d in ds) + " |")
     return lines + ["", "![recall accuracy](recall_accuracy.png)", ""]

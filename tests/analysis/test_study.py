@@ -73,6 +73,7 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
                 for field in study.RESULT_FIELDS["recall"]:
                     assert field in run, (variant, field)
                 assert 0.0 <= run["accuracy"] <= 1.0 and run["distance"] == int(d)
+                assert 1 <= run["steps_trained"] <= s.recall_steps
     keys = {f["key"] for f in saved["findings"]}
     assert {"vanishing_gradients", "effective_context", "lstm_long_lag", "transformer_constant_path"} <= keys
     for f in saved["findings"]:
