@@ -127,20 +127,9 @@ def measure_peak(dtype: str, tries: int = 3) -> float:
     """
     cached = perf.peak_flops(dtype)
     now = max(perf.measure_matmul_peak(dtype) for _ in range(tries))
-    if now > cached:
-        path = os.path.join(perf.cache_dir(), "peak_flops.json")
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            saved[perf._machine_key(dtype)] = now   # perf's own key; perf has no setter for a measured value
-            with open(path + ".tmp", "w") as f:
-                json.dump(saved, f, indent=1)
-            os.replace(path + ".tmp", path)
-        except (OSError, ValueError):
-            pass
-    _say(f"matmul peak {dtype}: {max(now, cached) / 1e9:.0f} GFLOP/s through XLA (now {now / 1e9:.0f}, "
-         f"cached {cached / 1e9:.0f})")
-    return max(now, cached)
+    best = perf.record_peak(dtype, now)
+    _say(f"matmul peak {dtype}: {best / 1e9:.0f} GFLOP/s through XLA (now {now / 1e9:.0f}, cached {cached / 1e9:.0f})")
+    return best
 
 
 def measure_model(name: str, description: str, config, model_dir: str, peaks: dict) -> dict:

@@ -18,9 +18,35 @@ def cache_dir() -> str:
     return os.environ.get("JAXLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxlm")
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (XLA reports every CPU as device_kind "cpu"; an Intel and an AMD VM differ 1.5x)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _machine_key(dtype: str) -> str:
     dev = jax.devices()[0]
-    return f"{dev.platform}:{dev.device_kind}:{os.cpu_count()}:{jax.device_count()}:{dtype}"
+    kind = f"{dev.device_kind}:{_cpu_model()}" if dev.platform == "cpu" else dev.device_kind
+    return f"{dev.platform}:{kind}:{os.cpu_count()}:{jax.device_count()}:{dtype}"
+
+
+def _peak_path() -> str:
+    return os.path.join(cache_dir(), "peak_flops.json")
+
+
+def _read_peaks() -> dict:
+    try:
+        with open(_peak_path()) as f:
+            saved = json.load(f)
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def measure_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
@@ -44,26 +70,37 @@ def measure_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 10
     return chain * 2 * n ** 3 / best
 
 
+def record_peak(dtype: str, flops: float) -> float:
+    """Fold a measured peak into the per-machine cache, keeping the highest value seen; returns the cached peak.
+
+    A peak is a maximum: other processes on the machine only ever lower a measurement, so a noisy low one
+    must never replace a good one (it would inflate every later run's train/mfu).
+    """
+    key = _machine_key(dtype)
+    saved = _read_peaks()
+    best = max(float(flops), float(saved.get(key, 0.0)))
+    if best != saved.get(key):
+        saved[key] = best
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            with open(_peak_path() + ".tmp", "w") as f:
+                json.dump(saved, f, indent=1)
+            os.replace(_peak_path() + ".tmp", _peak_path())
+        except OSError:
+            pass   # a read-only home only costs a re-measurement next time
+    _PEAK_CACHE[key] = best
+    return best
+
+
 def peak_flops(dtype: str = "float32", *, remeasure: bool = False) -> float:
-    """The cached peak for this machine and dtype, measuring it (about a second) the first time."""
+    """The cached peak for this machine and dtype, measuring it (about a second) the first time.
+
+    ``remeasure=True`` measures again and keeps the higher of that and the cached value (:func:`record_peak`)."""
     key = _machine_key(dtype)
     if key in _PEAK_CACHE and not remeasure:
         return _PEAK_CACHE[key]
-    path = os.path.join(cache_dir(), "peak_flops.json")
-    saved = {}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        pass
-    if key not in saved or remeasure:
-        saved[key] = measure_matmul_peak(dtype)
-        try:
-            os.makedirs(cache_dir(), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(saved, f, indent=1)
-            os.replace(path + ".tmp", path)
-        except OSError:
-            pass   # a read-only home only costs a re-measurement next time
-    _PEAK_CACHE[key] = float(saved[key])
+    saved = _read_peaks().get(key)
+    if saved is None or remeasure:
+        return record_peak(dtype, measure_matmul_peak(dtype))
+    _PEAK_CACHE[key] = float(saved)
     return _PEAK_CACHE[key]
