@@ -55,6 +55,12 @@ def _losses(graphdef, params, contexts, targets, *, kind, mask_id):
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
+def default_batch_size(context_len: int, vocab_size: int) -> int:
+    """Windows per device call: up to 1024 (fewer, larger calls: recurrent scans pay per time step, not per row),
+    capped so the [B, c, V] logits stay within ~256 MB."""
+    return int(max(16, min(1024, (1 << 26) // max(context_len * vocab_size, 1))))
+
+
 def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id: int | None = None,
                       batch_size: int = 256) -> np.ndarray:
     """Per-window loss [N] (float64) of predicting ``targets`` [N] after ``contexts`` [N, c], in fixed-size calls."""
@@ -96,7 +102,7 @@ def perturb(contexts: np.ndarray, distance: int, mode: str, rng: np.random.Gener
 
 def context_ablation_losses(graphdef, params, windows, *, distances, mode: str = "drop", objective: str | None = None,
                             tokenizer=None, vocab_size: int | None = None, special_ids=(), mask_id: int | None = None,
-                            batch_size: int = 256, seed: int = 0) -> dict[int, np.ndarray]:
+                            batch_size: int | None = None, seed: int = 0) -> dict[int, np.ndarray]:
     """Per-window losses {d: float64 [N]} (same windows for every d, so differences between d are paired)."""
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
@@ -117,6 +123,8 @@ def context_ablation_losses(graphdef, params, windows, *, distances, mode: str =
         replacement_ids = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, np.int64))
     contexts, targets = windows[:, :-1], windows[:, -1]
     length = contexts.shape[1]
+    if batch_size is None:
+        batch_size = default_batch_size(length, vocab_size or int(np.max(windows)) + 1)
     cache: dict[int, np.ndarray] = {}
     results = {}
     for d in distances:
@@ -141,7 +149,7 @@ def summarize(losses: dict[int, np.ndarray]) -> dict[int, tuple[float, float]]:
 
 def context_ablation(graphdef, params, windows, *, distances, mode: str = "drop", objective: str | None = None,
                      tokenizer=None, vocab_size: int | None = None, special_ids=(), mask_id: int | None = None,
-                     batch_size: int = 256, seed: int = 0) -> dict[int, tuple[float, float]]:
+                     batch_size: int | None = None, seed: int = 0) -> dict[int, tuple[float, float]]:
     """Loss at the last token of each window with the context beyond d perturbed: {d: (mean loss, stderr)}.
 
     Args:
@@ -151,7 +159,8 @@ def context_ablation(graphdef, params, windows, *, distances, mode: str = "drop"
       mode: "drop" | "shuffle" | "random" (module doc).
       tokenizer: supplies vocab_size, special_ids and mask_id (or pass them): "random" draws from the
         non-special ids; bert needs mask_id.
-      batch_size: windows per device call; seed: the shuffles and random replacements.
+      batch_size: windows per device call (None: :func:`default_batch_size`); seed: the shuffles and random
+        replacements.
     Returns:
       {d: (mean loss in nats, standard error over windows)}.
     """
