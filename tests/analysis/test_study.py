@@ -159,6 +159,17 @@ def test_verdicts_follow_the_numbers():
     assert flipped["vanishing_gradients"] == "not reproduced"
 
 
+def test_an_lstm_solving_only_short_lags_does_not_confirm_the_100_plus_claim():
+    out = {"chance": 0.125, "tolerance": 0.01, "config": {"lm_seq_len": 128, "recall_steps": 600}}
+    summary = _summary(0.13, 0.14, 0.97, 1.0, 1e-6, 2e-2)
+    for row in summary["recall"].values():        # the longest distance is 50, not 100
+        for key in ("accuracy", "solved"):
+            row[key]["50"] = row[key].pop("100")
+    finding = {f["key"]: f for f in study_report.findings(summary, out)}["lstm_long_lag"]
+    assert finding["verdict"] == "partly reproduced"
+    assert "longest distance in this run is d = 50" in str(finding)
+
+
 def test_bad_study_values_are_one_line_user_errors():
     from jaxlm.errors import UserError
     config = long_range_config("tiny")
