@@ -16,6 +16,7 @@ Exit codes: 0 done; 2 bad flag, config, data or workdir (one line on stderr, no 
 
 import errno
 import os
+import signal
 import sys
 import time
 
@@ -148,6 +149,9 @@ def _reexec_with_hugepages(argv) -> None:
 
 
 def main(argv) -> int:
+    # `launch.py ... | head`: a closed stdout ends the process quietly, as for any Unix tool (a training run
+    # resumes from its last checkpoint), instead of a BrokenPipeError traceback
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _reexec_with_hugepages(argv)
     config = _parse_flags(argv)
     mode = _MODE.value

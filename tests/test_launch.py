@@ -104,3 +104,14 @@ def test_training_writes_tensorboard_metrics_config_and_samples(tmp_path, corpus
     r = launch("--mode=eval", f"--workdir={workdir}")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["step"] == 40
+
+
+def test_a_closed_stdout_ends_quietly():
+    # `launch.py --helpfull | head -1`: the reader goes away after one line; no BrokenPipeError traceback
+    pipe = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "--helpfull"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    pipe.stdout.readline()
+    pipe.stdout.close()
+    stderr = pipe.communicate(timeout=60)[1].decode()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert pipe.returncode in (0, -13, 141)    # done, or ended by SIGPIPE like any Unix tool
