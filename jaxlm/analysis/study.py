@@ -171,10 +171,20 @@ def _record(workdir: str, config, result: dict) -> None:
     os.replace(os.path.join(workdir, MARKER + ".tmp"), os.path.join(workdir, MARKER))
 
 
-def run_lm(config, workdir: str, s, *, attention: bool) -> dict:
+def _stale(workdir: str, config) -> bool:
+    """Whether ``workdir`` holds a run of another config (finished, or one it cannot resume): retrain it."""
+    if os.path.exists(os.path.join(workdir, MARKER)):
+        return True   # finished, but _finished() found another config
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        return False
+    saved = config_lib.load(workdir)
+    return bool(config_lib.resume_conflicts(saved, config)) or saved.train.steps > config.train.steps
+
+
+def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -> dict:
     """Train (or resume) one LM run and analyse it."""
     start = time.time()
-    metrics = loop.train(config, workdir)
+    metrics = loop.train(config, workdir, restart=restart)
     trained_s = time.time() - start
     analysis = hooks.analyze_run(workdir, modes=_csv(s.ablation_modes), attention=attention)
     sens = analysis["sensitivity"]
@@ -186,10 +196,10 @@ def run_lm(config, workdir: str, s, *, attention: bool) -> dict:
             "train_seconds": round(trained_s, 1), "analysis_seconds": analysis["seconds"]}
 
 
-def run_recall(config, workdir: str, s) -> dict:
+def run_recall(config, workdir: str, s, *, restart: bool = False) -> dict:
     """Train (or resume) one recall run; answer accuracy on held-out examples at its distance."""
     start = time.time()
-    metrics = loop.train(config, workdir)
+    metrics = loop.train(config, workdir, restart=restart)
     trained = runs.load(workdir)
     d = int(config.data.distance)
     acc = tasks.run_accuracy_at_distance(trained, [d], num_batches=int(s.probe_batches), batch_size=64)[d]
@@ -231,9 +241,13 @@ def run_study(config, workdir: str) -> dict:
         result = _finished(path, run_cfg)
         what = f"[study {i}/{len(todo)}] {task}{'' if d is None else f' d={d}'} {variant} seed {seed}"
         if result is None:
-            print(f"{what}: training in {path}", flush=True)
-            result = (run_lm(run_cfg, path, s, attention=bool(s.attention) and seed == 0) if task == "lm"
-                      else run_recall(run_cfg, path, s))
+            restart = _stale(path, run_cfg)
+            if restart and os.path.exists(os.path.join(path, MARKER)):
+                os.replace(os.path.join(path, MARKER), os.path.join(path, MARKER + ".previous"))
+            print(f"{what}: {'retraining (the run there had another config; set aside in previous-*/)' if restart else 'training'}"
+                  f" in {path}", flush=True)
+            result = (run_lm(run_cfg, path, s, attention=bool(s.attention) and seed == 0, restart=restart)
+                      if task == "lm" else run_recall(run_cfg, path, s, restart=restart))
             _record(path, run_cfg, result)
         else:
             print(f"{what}: reusing the finished run in {path}", flush=True)

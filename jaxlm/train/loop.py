@@ -71,6 +71,9 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
         stopped_at = meta.get("stopped_at_accuracy") and start_step
     elif not for_training:
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+    if for_training and start_step > config.train.steps:
+        raise UserError(f"workdir {workdir!r} holds a run trained to step {start_step}, beyond "
+                        f"train.steps={config.train.steps}: raise train.steps, or --restart to set the old run aside")
     if jax.process_index() == 0 and for_training:
         config_lib.save(config, workdir)
     writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0 and for_training,

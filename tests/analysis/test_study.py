@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from flax import nnx
 import jaxlm
 from jaxlm import config as config_lib, metric_writer, models
 from jaxlm.analysis import study, study_report
+from jaxlm.errors import UserError
+from jaxlm.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,6 +99,30 @@ def test_finished_runs_are_reused_not_retrained(tiny_study):
     assert again["summary"]["recall"] == out["summary"]["recall"]
 
 
+def test_a_finished_run_of_another_config_is_retrained_not_resumed(tiny_study, tmp_path):
+    # fewer steps than the finished run's checkpoint: resuming would report a longer-trained model as shorter
+    workdir, config, _, _ = tiny_study
+    changed = copy.deepcopy(config)
+    changed.study.models, changed.study.lm_seeds, changed.study.recall_steps = "rnn", 0, 6
+    run = os.path.join(tmp_path, "recall_d4", "rnn", "seed0")
+    os.makedirs(os.path.dirname(run))
+    shutil.copytree(os.path.join(workdir, "recall_d4", "rnn", "seed0"), run)
+    out = study.run_study(changed, str(tmp_path))
+    result = out["runs"]["recall"]["rnn"]["seed0"]["4"]
+    assert result["steps_trained"] <= 6
+    assert os.listdir(os.path.join(run, "checkpoints")) == [str(result["steps_trained"])]
+    assert any(name.startswith("previous-") for name in os.listdir(run))          # the old run is kept aside
+    assert os.path.exists(os.path.join(run, study.MARKER + ".previous"))
+
+
+def test_a_run_cannot_resume_past_its_train_steps(tiny_study):
+    run = os.path.join(tiny_study[0], "recall_d4", "gpt", "seed0")
+    config = config_lib.load(run)
+    config.train.steps = 3
+    with pytest.raises(UserError, match="beyond train.steps=3"):
+        loop.train(config, run)
+
+
 def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     workdir = os.path.join(tiny_study[0], "lm", "gpt", "seed0")
     for name in os.listdir(os.path.join(workdir, "analysis")):
@@ -171,7 +198,6 @@ def test_an_lstm_solving_only_short_lags_does_not_confirm_the_100_plus_claim():
 
 
 def test_bad_study_values_are_one_line_user_errors():
-    from jaxlm.errors import UserError
     config = long_range_config("tiny")
     bad = copy.deepcopy(config)
     bad.study.models = "rnn,transformerxl"
