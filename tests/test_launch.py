@@ -21,15 +21,6 @@ def launch(*args, cwd=None, env=None, timeout=240):
                           cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-    path.write_text(" ".join(rng.choice(words, 6000)) + "\n")
-    return str(path)
-
-
 def _losses(workdir):
     out = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -144,15 +144,6 @@ def train_losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-    path.write_text(" ".join(rng.choice(words, 6000)) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def common(corpus):
     return [f"--config.data.source=text:{corpus}", *TINY]
 
@@ -254,20 +245,29 @@ def _wait_for_training(proc, workdir, timeout=240):
         time.sleep(0.01)
 
 
-def test_sigterm_saves_a_checkpoint_exits_130_and_the_rerun_resumes(tmp_path, common):
-    workdir = str(tmp_path / "run")
-    cmd = [f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
-           "--config.train.eval_every=100000", *common]
+def _signalled_run(cmd, workdir, *signals, gap=0.05):
+    """launch.py `cmd`, sent `signals` (`gap` s apart) once training runs; returns (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *cmd], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_training(proc, workdir)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(gap)
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_sigterm_saves_a_checkpoint_exits_130_and_the_rerun_resumes(tmp_path, common):
+    workdir = str(tmp_path / "run")
+    cmd = [f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+           "--config.train.eval_every=100000", *common]
+    returncode, err = _signalled_run(cmd, workdir, signal.SIGTERM)
+    assert returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err, err
     step = checkpoint_steps(workdir)[-1]
@@ -290,19 +290,10 @@ def test_sigterm_during_the_final_evaluation_lets_the_run_finish(tmp_path, commo
 
 def test_two_sigints_stop_at_once_with_exit_130(tmp_path, common):
     workdir = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}", *common,
-                             "--config.train.steps=100000"], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_training(proc, workdir)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)   # two separate deliveries (back to back, Python may run the handler once)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    # 50 ms apart: two separate deliveries (back to back, Python may run the handler once)
+    returncode, err = _signalled_run([f"--workdir={workdir}", *common, "--config.train.steps=100000"], workdir,
+                                     signal.SIGINT, signal.SIGINT)
+    assert returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     # Orbax may add a line of its own when the second Ctrl-C lands in a save (its writer thread is cut short).
     ours = [line for line in lines if not line.startswith(("ERROR:absl:", "WARNING:absl:"))]
