@@ -68,7 +68,8 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     start_step, stopped_at = 0, None
     if restored is not None:
         start_step, host_state, meta = restored
-        stopped_at = meta.get("stopped_at_accuracy") and start_step
+        if meta.get("stopped_at_accuracy") and config.train.stop_at_accuracy > 0:
+            stopped_at = start_step   # it stopped there once solved (train.stop_at_accuracy=0 trains on)
     elif not for_training:
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
     if for_training and start_step > config.train.steps:
