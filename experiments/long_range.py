@@ -7,14 +7,16 @@ A config with a ``study`` section is routed by ``--mode=train`` to ``jaxlm.analy
 base sections below describe one run, the GPT char LM, and are what each study run starts from).  Override
 any study key: ``--config.study.seeds=5``, ``--config.study.distances=10,50,100``.
 
-Presets:
-- ``quick`` (start here; 7.8 CPU-minutes measured, see README): tiny (~0.11M-parameter) models. Char LM: rnn, lstm, gpt, 1 seed,
-  500 steps, drop+shuffle ablation on 1,024 windows of 64 characters. Delayed recall at d = 10 and 100:
-  rnn, lstm, lstm_fb3, gpt, 3 seeds, 500 steps.  elmo and bert are in the full preset only.
-- ``full``: every model, 3 seeds on both tasks; the 0.43M-parameter sizes of experiments/*_char.py;
-  char LM 1,000 steps on 128-character windows, all three ablation modes on 4,096 windows; recall at
-  d = 10, 20, 50, 100, 200 for 600 steps (~4.8 CPU-hours, estimated from measured step costs).
+Presets (every model ~0.11M parameters, matched within 10%; ``study.size=char`` for the ~0.43M sizes):
+- ``quick`` (start here; 4 min 20 s measured on an idle 2-core machine, see README): char LM: rnn, lstm,
+  gpt, 1 seed, 500 steps, drop+shuffle ablation on 1,024 windows of 64 characters. Delayed recall at
+  d = 10 and 50: rnn, lstm, lstm_fb3, gpt, 3 seeds, up to 500 steps.  elmo and bert: full preset only.
+- ``full``: char LM: rnn, lstm, elmo, gpt, bert, 3 seeds, 800 steps on 128-character windows, all three
+  ablation modes on 4,096 windows at 1%; recall at d = 10, 30, 100: all 7 variants, 3 seeds, up to 600
+  steps (its measured time is in README).
 - ``tiny``: the test preset (2 models per task, 1 seed, recall at d = 4 only, a few steps: checks the plumbing).
+
+Recall runs stop once solved (``study.stop_at_accuracy``), so the report also gives steps to solve.
 """
 
 import ml_collections
