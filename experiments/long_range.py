@@ -26,7 +26,7 @@ from jaxlm.config import default_config
 
 def _study(preset: str) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
-    s.size = "tiny"                     # tiny (~0.11M params) | char (~0.43M, experiments/*_char.py: ~4x the time)
+    s.size = "tiny"                     # tiny (~0.11M params) | char (~0.43M, experiments/*_char.py; not timed)
     s.models = "rnn,lstm,lstm_fb3,lstm_chrono,elmo,gpt,bert"   # recall task
     s.lm_models = "rnn,lstm,elmo,gpt,bert"    # char LM task
     s.seeds = 3                         # recall seeds (0 = skip the task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -78,14 +79,15 @@ def record_peak(dtype: str, flops: float) -> float:
     """
     key = _machine_key(dtype)
     saved = _read_peaks()
-    best = max(float(flops), float(saved.get(key, 0.0)))
+    best = max(float(flops), float(saved.get(key, 0.0)), _PEAK_CACHE.get(key, 0.0))
     if best != saved.get(key):
         saved[key] = best
         try:
             os.makedirs(cache_dir(), exist_ok=True)
-            with open(_peak_path() + ".tmp", "w") as f:
+            fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix="peak_flops.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:     # a private temp file: concurrent processes do not collide
                 json.dump(saved, f, indent=1)
-            os.replace(_peak_path() + ".tmp", _peak_path())
+            os.replace(tmp, _peak_path())
         except OSError:
             pass   # a read-only home only costs a re-measurement next time
     _PEAK_CACHE[key] = best

@@ -57,8 +57,9 @@ def _losses(graphdef, params, contexts, targets, *, kind, mask_id):
 
 def default_batch_size(context_len: int, vocab_size: int) -> int:
     """Windows per device call: up to 1024 (fewer, larger calls: recurrent scans pay per time step, not per row),
-    capped so the [B, c, V] logits stay within ~256 MB."""
-    return int(max(16, min(1024, (1 << 26) // max(context_len * vocab_size, 1))))
+    capped so the [B, c, V] logits plus [B, 8 heads, c, c] attention scores stay within ~256 MB of float32."""
+    per_window = context_len * (vocab_size + 8 * context_len)
+    return int(max(16, min(1024, (1 << 26) // max(per_window, 1))))
 
 
 def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id: int | None = None,

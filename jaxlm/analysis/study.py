@@ -172,13 +172,18 @@ def _record(workdir: str, config, result: dict) -> None:
 
 
 def _stale(workdir: str, config) -> bool:
-    """Whether ``workdir`` holds a run of another config (finished, or one it cannot resume): retrain it."""
+    """Whether ``workdir`` holds a run of any other config (finished or not): set it aside and retrain.
+
+    Exact comparison: a study run is only resumed under the very config it started with (another learning
+    rate, budget or initialisation would make the result a mixture of two runs)."""
     if os.path.exists(os.path.join(workdir, MARKER)):
         return True   # finished, but _finished() found another config
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        return False
-    saved = config_lib.load(workdir)
-    return bool(config_lib.resume_conflicts(saved, config)) or saved.train.steps > config.train.steps
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return os.path.isdir(os.path.join(workdir, "checkpoints"))   # unreadable: only a fresh start is safe
+    return saved != json.loads(json.dumps(config.to_dict()))
 
 
 def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -> dict:
@@ -242,8 +247,6 @@ def run_study(config, workdir: str) -> dict:
         what = f"[study {i}/{len(todo)}] {task}{'' if d is None else f' d={d}'} {variant} seed {seed}"
         if result is None:
             restart = _stale(path, run_cfg)
-            if restart and os.path.exists(os.path.join(path, MARKER)):
-                os.replace(os.path.join(path, MARKER), os.path.join(path, MARKER + ".previous"))
             print(f"{what}: {'retraining (the run there had another config; set aside in previous-*/)' if restart else 'training'}"
                   f" in {path}", flush=True)
             result = (run_lm(run_cfg, path, s, attention=bool(s.attention) and seed == 0, restart=restart)

@@ -68,11 +68,13 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     start_step, stopped_at = 0, None
     if restored is not None:
         start_step, host_state, meta = restored
-        if meta.get("stopped_at_accuracy") and config.train.stop_at_accuracy > 0:
-            stopped_at = start_step   # it stopped there once solved (train.stop_at_accuracy=0 trains on)
+        reached = meta.get("stopped_at_accuracy") or 0.0   # the threshold it stopped at, if it did
+        if 0 < config.train.stop_at_accuracy <= reached:
+            stopped_at = start_step   # it stopped there once solved (0 or a stricter threshold trains on)
     elif not for_training:
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
     if for_training and start_step > config.train.steps:
+        checkpointer.close()
         raise UserError(f"workdir {workdir!r} holds a run trained to step {start_step}, beyond "
                         f"train.steps={config.train.steps}: raise train.steps, or --restart to set the old run aside")
     if jax.process_index() == 0 and for_training:
@@ -91,7 +93,7 @@ def _set_aside_previous_run(workdir: str) -> None:
     if not os.path.isdir(workdir):
         return
     names = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")
-             or n in ("checkpoints", "metrics.jsonl", "config.json", "tokenizer.json", "analysis")]
+             or n in ("checkpoints", "metrics.jsonl", "config.json", "tokenizer.json", "analysis", "study_run.json")]
     if not names:
         return
     target = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
@@ -194,7 +196,7 @@ def _train_loop(run: Run, signals: _SignalFlag) -> int:
                                              skipped)
                 skipped = means.get("train/skipped_steps", 0)
                 last_time, last_step, pending = time.perf_counter(), done, []
-                if 0 < c.stop_at_accuracy <= means["train/accuracy"] and done < c.steps and not raised:
+                if 0 < c.stop_at_accuracy <= means["train/accuracy"] and done < c.steps:
                     run.writer.log(f"step {done}: train/accuracy {means['train/accuracy']:.4f} >= "
                                    f"train.stop_at_accuracy={c.stop_at_accuracy}: training stops here")
                     run.stopped_at = done
@@ -235,7 +237,8 @@ def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_
 
 
 def _save(run: Run, step: int) -> None:
-    meta = {"config": run.config.to_dict(), "step": step, "stopped_at_accuracy": run.stopped_at == step}
+    stopped = run.config.train.stop_at_accuracy if run.stopped_at == step else 0.0
+    meta = {"config": run.config.to_dict(), "step": step, "stopped_at_accuracy": stopped}
     run.checkpointer.save(step, run.dp.to_host(run.state), meta)
 
 

@@ -111,8 +111,8 @@ def test_a_finished_run_of_another_config_is_retrained_not_resumed(tiny_study, t
     result = out["runs"]["recall"]["rnn"]["seed0"]["4"]
     assert result["steps_trained"] <= 6
     assert os.listdir(os.path.join(run, "checkpoints")) == [str(result["steps_trained"])]
-    assert any(name.startswith("previous-") for name in os.listdir(run))          # the old run is kept aside
-    assert os.path.exists(os.path.join(run, study.MARKER + ".previous"))
+    aside = [name for name in os.listdir(run) if name.startswith("previous-")]  # the old run is kept aside
+    assert len(aside) == 1 and os.path.exists(os.path.join(run, aside[0], study.MARKER))
 
 
 def test_a_run_cannot_resume_past_its_train_steps(tiny_study):

@@ -41,6 +41,9 @@ def test_stops_at_the_first_log_reaching_the_threshold_and_a_rerun_does_not_trai
     assert again["train/steps_trained"] == stopped
     assert _logged_accuracy(workdir) == logged                 # no further training step was logged
     assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
+    stricter = loop.train(_recall_config(0.9999), workdir)     # a stricter threshold trains on from there
+    assert stricter["train/steps_trained"] > stopped
+    stopped = stricter["train/steps_trained"]
     on = _recall_config(0.0)                                   # switched off: it trains on to train.steps
     on.train.steps = stopped + 10
     assert loop.train(on, workdir)["train/steps_trained"] == stopped + 10
