@@ -20,15 +20,23 @@ def cache_dir() -> str:
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (XLA reports every CPU as device_kind "cpu"; an Intel and an AMD VM differ 1.5x)."""
+    """The CPU's model name, family and model numbers, e.g. "AMD EPYC (25/1)".
+
+    XLA reports every CPU as device_kind "cpu", and VMs often name only the vendor line ("AMD EPYC" covers
+    both a 140 GFLOP/s Zen 3 and a 520 GFLOP/s Zen 5 guest), so the family/model numbers are part of the key.
+    """
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break   # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return "unknown"
+    name = fields.get("model name", "unknown")
+    return f"{name} ({fields['cpu family']}/{fields['model']})" if "cpu family" in fields and "model" in fields else name
 
 
 def _machine_key(dtype: str) -> str:
