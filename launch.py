@@ -16,7 +16,6 @@ Exit codes: 0 done; 2 bad flag, config, data or workdir (one line on stderr, no 
 
 import errno
 import os
-import signal
 import sys
 import time
 
@@ -149,9 +148,6 @@ def _reexec_with_hugepages(argv) -> None:
 
 
 def main(argv) -> int:
-    # `launch.py ... | head`: a closed stdout ends the process quietly, as for any Unix tool (a training run
-    # resumes from its last checkpoint), instead of a BrokenPipeError traceback
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _reexec_with_hugepages(argv)
     config = _parse_flags(argv)
     mode = _MODE.value
@@ -194,4 +190,11 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except BrokenPipeError:
+        # `launch.py ... | head`: the reader closed stdout. End quietly, as a Unix tool does (a training run
+        # resumes from its last checkpoint). Not SIGPIPE's default action: that would also kill the process
+        # on a library's own closed pipe or socket, which Python otherwise reports as an error to handle.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit-time flush must not fail
+        sys.exit(141)

@@ -109,6 +109,8 @@ CASES = [
     ("stateful_transformer", ["--config.train.stateful=True"], "stateful"),
     ("log_every_too_large", ["--config.train.log_every=64"], "log_every=64"),
     ("grad_accum_not_dividing_batch", ["--config.train.grad_accum_steps=3"], "grad_accum_steps=3"),
+    ("stop_at_accuracy_above_one", ["--config.train.stop_at_accuracy=1.5"], "stop_at_accuracy=1.5"),
+    ("negative_embed_init_std", ["--config.model.embed_init_std=-0.1"], "embed_init_std=-0.1"),
     ("unknown_config_key", ["--config.model.nonexistent=3"], "nonexistent"),
     ("unknown_config_section", ["--config.modle.d_model=3"], "modle"),
     ("wrong_type_int", ["--config.train.steps=abc"], "abc"),
