@@ -93,9 +93,13 @@ def record_peak(dtype: str, flops: float) -> float:
         try:
             os.makedirs(cache_dir(), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix="peak_flops.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:     # a private temp file: concurrent processes do not collide
-                json.dump(saved, f, indent=1)
-            os.replace(tmp, _peak_path())
+            try:
+                with os.fdopen(fd, "w") as f:     # a private temp file: concurrent processes do not collide
+                    json.dump(saved, f, indent=1)
+                os.replace(tmp, _peak_path())
+            finally:
+                if os.path.exists(tmp):           # a failed write leaves no stray temp file behind
+                    os.remove(tmp)
         except OSError:
             pass   # a read-only home only costs a re-measurement next time
     _PEAK_CACHE[key] = best

@@ -91,8 +91,9 @@ def check_study(s) -> None:
     distances = _csv(s.distances, int)
     if s.seeds and (not distances or min(distances) < 1):
         raise UserError(f"invalid study.distances={s.distances!r}: comma-separated integers >= 1")
-    if not 0.0 <= s.stop_at_accuracy <= 1.0:
-        raise UserError(f"invalid study.stop_at_accuracy={s.stop_at_accuracy!r}: must be in [0, 1] (0 = always train "
+    stop = s.get("stop_at_accuracy", 0.0)   # study configs written before the key existed train every step
+    if not isinstance(stop, (int, float)) or not 0.0 <= stop <= 1.0:
+        raise UserError(f"invalid study.stop_at_accuracy={stop!r}: must be in [0, 1] (0 = always train "
                         "study.recall_steps)")
     bad = [m for m in _csv(s.ablation_modes) if m not in hooks.ABLATION_MODES]
     if bad:
@@ -150,7 +151,7 @@ def recall_config(base, s, variant: str, seed: int, distance: int):
     c.data.seq_len = c.model.max_len = synthetic.min_seq_len("recall", int(distance))
     c.objective.name = ""
     c = _common(c, s, seed, s.recall_steps, s.recall_batch_size)
-    c.train.stop_at_accuracy = float(s.stop_at_accuracy)   # a solved task needs no more steps
+    c.train.stop_at_accuracy = float(s.get("stop_at_accuracy", 0.0))   # a solved task needs no more steps
     return c
 
 

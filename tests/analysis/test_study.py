@@ -203,6 +203,10 @@ def test_bad_study_values_are_one_line_user_errors():
     bad.study.models = "rnn,transformerxl"
     with pytest.raises(UserError, match="study.models"):
         study.check_study(bad.study)
+    bad = copy.deepcopy(config)
+    bad.study.stop_at_accuracy = 1.5
+    with pytest.raises(UserError, match=r"study.stop_at_accuracy=1.5: must be in \[0, 1\]"):
+        study.check_study(bad.study)
 
 
 def test_run_configs_do_not_depend_on_other_study_keys():
