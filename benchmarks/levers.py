@@ -14,6 +14,8 @@ variant's step is traced, then restore it):
   ln_fold     both LayerNorms of each block folded into the following matmul: n(x) @ (g W) + (beta W + b)
   ln_fold_deferred  ln_fold + attn_deferred
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
+  lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
+                 (lstm._Layout) whatever the hidden size
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
 
@@ -128,18 +130,22 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
+    min_hidden = lstm.FEATURE_MAJOR_MIN_HIDDEN
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
         transformer.Block.__call__ = BLOCK_PATCHES[name]
         FOLD_DEFERRED = name.endswith("deferred")
     if name == "lstm_autodiff":
-        lstm.lstm_scan_fused = lstm.lstm_scan_reference
+        lstm.lstm_scan_fused = lambda xw, w_hh, w_p, h0, c0, feature_major=None: lstm.lstm_scan_reference(
+            xw, w_hh, w_p, h0, c0)
+    if name in ("lstm_batch_major", "lstm_feature_major"):
+        lstm.FEATURE_MAJOR_MIN_HIDDEN = 0 if name == "lstm_feature_major" else 1 << 62
     try:
         yield
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
-        lstm.lstm_scan_fused = fused
+        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
 
 
 def build(shape: str, name: str):

@@ -18,6 +18,7 @@ The Elman RNN uses plain autodiff of its scan.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -49,16 +50,24 @@ def rnn_scan(xw: jax.Array, w_hh: jax.Array, h0: jax.Array):
     return hs, h_last
 
 
-# The four gate activations in one elementwise pass over [B, 4, H]: sigmoid(x) = (tanh(x/2) + 1) / 2 for
+# The four gate activations in one elementwise pass over the gate axis: sigmoid(x) = (tanh(x/2) + 1) / 2 for
 # i, f, o and tanh for g, instead of four sliced ops (each a separate kernel per time step on CPU).
-_GATE_SCALE = np.array([0.5, 0.5, 1.0, 0.5], np.float32)[:, None]
-_GATE_SHIFT = np.array([0.5, 0.5, 0.0, 0.5], np.float32)[:, None]
+_GATE_SCALE = np.array([0.5, 0.5, 1.0, 0.5], np.float32)
+_GATE_SHIFT = np.array([0.5, 0.5, 0.0, 0.5], np.float32)
 
 
-def _gate_activations(z: jax.Array) -> jax.Array:
-    """Pre-activations [..., 4H] (order i, f, g, o) -> activations [..., 4, H]: sigmoid, sigmoid, tanh, sigmoid."""
-    z = z.reshape(z.shape[:-1] + (4, z.shape[-1] // 4))
-    scale, shift = jnp.asarray(_GATE_SCALE, z.dtype), jnp.asarray(_GATE_SHIFT, z.dtype)
+def _gate_activations(z: jax.Array, gate_axis: int = -2) -> jax.Array:
+    """Pre-activations with the 4H gate features on axis `gate_axis + 1` split as (4, H) at `gate_axis`
+    (order i, f, g, o) -> activations: sigmoid, sigmoid, tanh, sigmoid.
+
+    Batch-major steps: z [..., 4H] -> [..., 4, H] (gate_axis -2); feature-major steps: z [4H, B] -> [4, H, B]
+    (gate_axis -3).
+    """
+    axis = z.ndim + gate_axis + 1                      # the axis holding the 4H gate features
+    z = z.reshape(z.shape[:axis] + (4, z.shape[axis] // 4) + z.shape[axis + 1:])
+    shape = (4,) + (1,) * (-gate_axis - 1)
+    scale = jnp.asarray(_GATE_SCALE.reshape(shape), z.dtype)
+    shift = jnp.asarray(_GATE_SHIFT.reshape(shape), z.dtype)
     return jnp.tanh(z * scale) * scale + shift
 
 
@@ -96,65 +105,139 @@ def lstm_scan_reference(xw, w_hh, w_p, h0, c0):
     return hs, carry
 
 
-@jax.custom_vjp
-def lstm_scan_fused(xw, w_hh, w_p, h0, c0):
-    """Same function as :func:`lstm_scan_reference`, with a hand-written backward pass (see module doc)."""
+# Hidden sizes from which the fused recurrence runs feature-major (see `_Layout`): measured on the 2-core
+# Zen 3 VM (benchmarks/README.md), feature-major is 1.25-1.33x faster for a layer at H = 512 and 0.9x at H = 128.
+FEATURE_MAJOR_MIN_HIDDEN = 256
+
+
+class _Layout:
+    """How the fused recurrence holds one step's arrays inside its loops.
+
+    Batch-major: h [B, P], c [B, H], gates [B, 4, H]; the recurrent matmul is h @ W_hh ([16, 512] x [512, 2048]
+    for LSTM small).  Feature-major: the transposes h [P, B], c [H, B], gates [4, H, B]; the recurrent matmul is
+    W_hh^T @ h ([2048, 512] x [512, 16]), which XLA:CPU runs about 1.6x faster at that size (the weight is the
+    large left operand).  Inputs and outputs stay batch-major in both: each step transposes its [B, *] slice
+    inside the loop's fused elementwise ops, so no [T, ...] array is copied to change layout.
+    """
+
+    def __init__(self, feature_major: bool):
+        self.feature_major = feature_major
+        self.gate_axis = -3 if feature_major else -2
+
+    def step_in(self, x):
+        """A batch-major [B, F] step slice -> this layout."""
+        return x.T if self.feature_major else x
+
+    step_out = step_in
+
+    def weight(self, w, *, transpose: bool = False):
+        """w (or w^T) prepared, outside the loop, as the operand of :meth:`times` (an in-loop transpose
+        becomes a transposed-operand dot, which XLA:CPU runs several times slower)."""
+        return w.T if self.feature_major != transpose else w
+
+    def times(self, x, w_prepared):
+        """x @ w in row convention (x holds rows of a batch), w prepared by :meth:`weight`."""
+        return w_prepared @ x if self.feature_major else x @ w_prepared
+
+    def gate(self, a, k):
+        """Gate k of activations [..., 4, H] / [..., 4, H, B]."""
+        return jax.lax.index_in_dim(a, k, a.ndim + self.gate_axis, keepdims=False)
+
+    def flat_gates(self, a):
+        """[B, 4, H] -> [B, 4H] or [4, H, B] -> [4H, B]."""
+        axis = a.ndim + self.gate_axis
+        return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
+
+
+def _auto_feature_major(hidden: int) -> bool:
+    return hidden >= FEATURE_MAJOR_MIN_HIDDEN
+
+
+def lstm_scan_fused(xw, w_hh, w_p, h0, c0, feature_major: bool | None = None):
+    """Same function as :func:`lstm_scan_reference`, with a hand-written backward pass (see module doc).
+
+    `feature_major` picks the loop layout (`_Layout`); None = by hidden size (FEATURE_MAJOR_MIN_HIDDEN).
+    """
+    if feature_major is None:
+        feature_major = _auto_feature_major(c0.shape[-1])
+    return _lstm_scan_fused(xw, w_hh, w_p, h0, c0, bool(feature_major))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lstm_scan_fused(xw, w_hh, w_p, h0, c0, feature_major):
+    del feature_major  # the forward function is the same in both layouts
     return lstm_scan_reference(xw, w_hh, w_p, h0, c0)
 
 
-def _fused_fwd(xw, w_hh, w_p, h0, c0):
+def _fused_fwd(xw, w_hh, w_p, h0, c0, feature_major):
+    lay = _Layout(feature_major)
+    w_rec = lay.weight(w_hh)
+    w_proj = None if w_p is None else lay.weight(w_p)
+
     def body(carry, xw_t):
-        (h, c), a = _lstm_cell(w_hh, w_p, carry, xw_t)
-        return (h, c), (h, c, a)
+        h, c = carry
+        a = _gate_activations(lay.step_in(xw_t) + lay.times(h, w_rec), lay.gate_axis)
+        c = lay.gate(a, 1) * c + lay.gate(a, 0) * lay.gate(a, 2)
+        m = lay.gate(a, 3) * jnp.tanh(c)
+        h = m if w_p is None else lay.times(m, w_proj)
+        return (h, c), (lay.step_out(h), c, a)
 
-    carry, (hs, cs, acts) = jax.lax.scan(body, (h0, c0), xw)
-    return (hs, carry), (w_hh, w_p, h0, c0, hs, cs, acts)
+    (h, c), (hs, cs, acts) = jax.lax.scan(body, (lay.step_in(h0), lay.step_in(c0)), xw)
+    return (hs, (lay.step_out(h), lay.step_out(c))), (w_hh, w_p, h0, c0, hs, cs, acts)
 
 
-def _fused_bwd(residuals, cotangents):
+def _fused_bwd(feature_major, residuals, cotangents):
     """Reverse scan carrying (dh, dc) only; weight gradients as single matmuls after the loop.
 
     Everything that does not depend on the incoming gradient is computed for all steps at once before the
     loop, so each step is: dh += dh_out; dm = dh (@ W_p^T); dc += dm * o * (1 - tanh(c)^2);
     dgates = [dc, dc, dc, dm] * q_t; dh_prev = dgates @ W_hh^T; dc_prev = dc * f.
     """
-    w_hh, w_p, h0, c0, hs, cs, acts = residuals
+    lay = _Layout(feature_major)
+    w_hh, w_p, h0, c0, hs, cs, acts = residuals          # hs batch-major; cs, acts in the loop layout
     dhs, (dh_last, dc_last) = cotangents
-    i, f, g, o = acts[..., 0, :], acts[..., 1, :], acts[..., 2, :], acts[..., 3, :]
+    i, f, g, o = (lay.gate(acts, k) for k in range(4))
     tanh_c = jnp.tanh(cs)
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    c_prev = jnp.concatenate([lay.step_in(c0)[None], cs[:-1]], axis=0)
     dc_dm = o * (1 - tanh_c * tanh_c)                        # d c_t / d m_t, through m = o * tanh(c)
-    # d(gate pre-activations) per unit of (dc, dc, dc, dm): [T, B, 4, H]
-    q = jnp.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], axis=-2)
-    w_hh_t = w_hh.T
-    w_p_t = None if w_p is None else w_p.T
-    batch, hidden = cs.shape[1], cs.shape[2]
+    # d(gate pre-activations) per unit of (dc, dc, dc, dm), in the loop layout
+    q = jnp.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)],
+                  axis=lay.gate_axis)
+    w_rec_t = lay.weight(w_hh, transpose=True)
+    w_proj_t = None if w_p is None else lay.weight(w_p, transpose=True)
 
     def body(carry, inputs):
         dh, dc = carry
         dh_out, dc_dm_t, q_t, f_t = inputs
-        dh = dh + dh_out                       # gradient reaching h_t: from the output and from step t+1
-        dm = dh if w_p_t is None else dh @ w_p_t
+        dh = dh + lay.step_in(dh_out)          # gradient reaching h_t: from the output and from step t+1
+        dm = dh if w_p is None else lay.times(dh, w_proj_t)
         dc = dc + dm * dc_dm_t
-        upstream = jnp.concatenate([jnp.broadcast_to(dc[:, None], (batch, 3, hidden)), dm[:, None]], axis=1)
-        dgates = (upstream * q_t).reshape(batch, 4 * hidden)
-        ys = dgates if w_p is None else (dgates, dh)
-        return (dgates @ w_hh_t, dc * f_t), ys
+        dgates = lay.flat_gates(jnp.stack([dc, dc, dc, dm], axis=lay.gate_axis) * q_t)
+        ys = lay.step_out(dgates) if w_p is None else (lay.step_out(dgates), lay.step_out(dh))
+        return (lay.times(dgates, w_rec_t), dc * f_t), ys
 
-    (dh0, dc0), ys = jax.lax.scan(body, (dh_last, dc_last), (dhs, dc_dm, q, f), reverse=True)
-    dgates = ys if w_p is None else ys[0]
+    (dh0, dc0), ys = jax.lax.scan(body, (lay.step_in(dh_last), lay.step_in(dc_last)), (dhs, dc_dm, q, f),
+                                  reverse=True)
+    dgates = ys if w_p is None else ys[0]                   # [T, B, 4H]
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     dw_hh = jnp.einsum("tbp,tbg->pg", h_prev, dgates)
-    dw_p = None if w_p is None else jnp.einsum("tbh,tbp->hp", o * tanh_c, ys[1])
-    return dgates, dw_hh, dw_p, dh0, dc0
+    if w_p is None:
+        dw_p = None
+    else:
+        m = o * tanh_c
+        dw_p = jnp.einsum("thb,tbp->hp" if feature_major else "tbh,tbp->hp", m, ys[1])
+    return dgates, dw_hh, dw_p, lay.step_out(dh0), lay.step_out(dc0)
 
 
-lstm_scan_fused.defvjp(_fused_fwd, _fused_bwd)
+_lstm_scan_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def lstm_scan(xw, w_hh, w_p, h0, c0, *, fused: bool = True):
-    """LSTM recurrence: the custom-VJP path (`fused=True`) or the autodiff reference. Same shapes."""
-    return (lstm_scan_fused if fused else lstm_scan_reference)(xw, w_hh, w_p, h0, c0)
+def lstm_scan(xw, w_hh, w_p, h0, c0, *, fused: bool = True, feature_major: bool | None = None):
+    """LSTM recurrence: the custom-VJP path (`fused=True`, loop layout `feature_major`, None = by size) or
+    the autodiff reference. Same shapes."""
+    if fused:
+        return lstm_scan_fused(xw, w_hh, w_p, h0, c0, feature_major)
+    return lstm_scan_reference(xw, w_hh, w_p, h0, c0)
 
 
 # ----------------------------------------------------------------------------------------------------

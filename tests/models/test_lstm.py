@@ -115,14 +115,15 @@ def _check_directional_derivatives(f, args, seed, eps=1e-5, rtol=1e-6):
         np.testing.assert_allclose(jnp.vdot(grad, v), fd, rtol=rtol, atol=1e-9, err_msg=f"argument {n}")
 
 
-@pytest.mark.parametrize("fused,projection", [(True, 3), (False, 0)])
-def test_lstm_gradients_match_finite_differences(fused, projection):
+@pytest.mark.parametrize("fused,projection,feature_major", [(True, 3, False), (True, 3, True), (True, 0, True),
+                                                            (False, 0, None)])
+def test_lstm_gradients_match_finite_differences(fused, projection, feature_major):
     with jax.enable_x64(True):
         args = _random_lstm_args(3, 6, 2, 4, projection, np.float64)
         weights = _normal(10, (6, 2, projection or 4), np.float64)
 
         def loss(*a):
-            hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
+            hs, (h, c) = lstm.lstm_scan(*a, fused=fused, feature_major=feature_major)
             return jnp.sum(hs * weights) + jnp.sum(h ** 2) + jnp.sum(jnp.sin(c))
 
         _check_directional_derivatives(loss, args, 20)
@@ -149,18 +150,19 @@ def _rel_err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
+@pytest.mark.parametrize("feature_major", [False, True])
 @pytest.mark.parametrize("projection", [0, 5])
-def test_fused_lstm_equals_autodiff(projection):
+def test_fused_lstm_equals_autodiff(projection, feature_major):
     args = _random_lstm_args(40, 40, 3, 16, projection, scale=1.5)
     ct = _normal(50, (40, 3, projection or 16))
     ct_h = _normal(51, (3, projection or 16))
     ct_c = _normal(52, (3, 16))
 
     def loss(fused, *a):
-        hs, (h, c) = lstm.lstm_scan(*a, fused=fused)
+        hs, (h, c) = lstm.lstm_scan(*a, fused=fused, feature_major=feature_major)
         return jnp.sum(hs * ct) + jnp.sum(h * ct_h) + jnp.sum(c * ct_c)
 
-    out_f = jax.jit(lstm.lstm_scan_fused)(*args)
+    out_f = jax.jit(lstm.lstm_scan_fused, static_argnums=5)(*args, feature_major)
     out_r = jax.jit(lstm.lstm_scan_reference)(*args)
     for a, b in zip(jax.tree.leaves(out_f), jax.tree.leaves(out_r)):
         assert _rel_err(a, b) < 1e-6
