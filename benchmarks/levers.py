@@ -16,6 +16,8 @@ variant's step is traced, then restore it):
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
   lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
                  (lstm._Layout) whatever the hidden size
+  lstm_plain_projection  LSTM shapes: the input projection x @ W_ih + b differentiated by autodiff instead of
+                 lstm.input_projection's custom VJP
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
 
@@ -130,7 +132,7 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
-    min_hidden = lstm.FEATURE_MAJOR_MIN_HIDDEN
+    min_hidden, projection = lstm.FEATURE_MAJOR_MIN_HIDDEN, lstm.input_projection
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
@@ -141,11 +143,13 @@ def patched(name):
             xw, w_hh, w_p, h0, c0)
     if name in ("lstm_batch_major", "lstm_feature_major"):
         lstm.FEATURE_MAJOR_MIN_HIDDEN = 0 if name == "lstm_feature_major" else 1 << 62
+    if name == "lstm_plain_projection":
+        lstm.input_projection = lambda x, w, b: jnp.einsum("tbi,ig->tbg", x, w) + b
     try:
         yield
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
-        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
+        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN, lstm.input_projection = fused, min_hidden, projection
 
 
 def build(shape: str, name: str):
