@@ -16,8 +16,8 @@ variant's step is traced, then restore it):
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
   lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
                  (lstm._Layout) whatever the hidden size
-  lstm_plain_projection  LSTM shapes: the input projection x @ W_ih + b differentiated by autodiff instead of
-                 lstm.input_projection's custom VJP
+  plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) differentiated by
+                 autodiff instead of layers.dense's custom VJP
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm import bench  # noqa: E402
-from jaxlm.models import attention, lstm, transformer  # noqa: E402
+from jaxlm.models import attention, layers, lstm, transformer  # noqa: E402
 
 
 def _causal_out(self, x, y_fn):
@@ -132,7 +132,7 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
-    min_hidden, projection = lstm.FEATURE_MAJOR_MIN_HIDDEN, lstm.input_projection
+    min_hidden, dense = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
@@ -143,13 +143,13 @@ def patched(name):
             xw, w_hh, w_p, h0, c0)
     if name in ("lstm_batch_major", "lstm_feature_major"):
         lstm.FEATURE_MAJOR_MIN_HIDDEN = 0 if name == "lstm_feature_major" else 1 << 62
-    if name == "lstm_plain_projection":
-        lstm.input_projection = lambda x, w, b: jnp.einsum("tbi,ig->tbg", x, w) + b
+    if name == "plain_dense":
+        layers.dense = lambda x, w, b: jnp.einsum("...i,io->...o", x, w) + b
     try:
         yield
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
-        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN, lstm.input_projection = fused, min_hidden, projection
+        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense = fused, min_hidden, dense
 
 
 def build(shape: str, name: str):

@@ -105,10 +105,50 @@ def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, init=None) -> nnx.Linear:
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out] + b [out], with a hand-written backward pass.
+
+    Same function and gradients as autodiff; the difference is how the weight gradient is written:
+    einsum("ni,no->io") over the flattened leading axes, which XLA:CPU runs as one YNNPACK matmul.
+    Autodiff's transposed dot_general became a transpose copy of the cotangent plus a slower Eigen dot;
+    the whole backward of a [4096, 256] x [256, 1024] layer measured 1.75x faster this way
+    (benchmarks/README.md).
+    """
+    return jnp.einsum("...i,io->...o", x, w) + b
+
+
+def _dense_fwd(x, w, b):
+    return dense(x, w, b), (x, w)
+
+
+def _dense_bwd(residuals, g):
+    x, w = residuals
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return jnp.einsum("...o,io->...i", g, w), jnp.einsum("ni,no->io", x2, g2), g2.sum(axis=0)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Linear(nnx.Module):
+    """Dense layer y = x @ kernel + bias through :func:`dense`: float32 `kernel` [in, out] and `bias` [out]
+    (the parameter names and shapes of nnx.Linear, so checkpoints are interchangeable), compute in `dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, init=None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = jnp.dtype(dtype)
+        self.kernel = nnx.Param((init or normal_init())(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        return dense(x.astype(dt), self.kernel[...].astype(dt), self.bias[...].astype(dt))
+
+
+def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, init=None) -> Linear:
     """Dense layer with float32 params, normal(0.02) kernel (or `init`), zero bias, compute in `dtype`."""
-    return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=init or normal_init(), bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    return Linear(in_features, out_features, dtype=dtype, rngs=rngs, init=init)
 
 
 def gelu(x: jax.Array, approximate: bool) -> jax.Array:

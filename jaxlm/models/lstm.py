@@ -232,26 +232,6 @@ def _fused_bwd(feature_major, residuals, cotangents):
 _lstm_scan_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-@jax.custom_vjp
-def input_projection(x, w, b):
-    """x [T, B, in] @ w [in, G] + b [G] -> [T, B, G], with the weight gradient written as the contraction
-    einsum("tbi,tbg->ig") (XLA:CPU runs that as one YNNPACK matmul; autodiff's transposed dot_general became
-    a [G, T*B] transpose copy plus a slower Eigen dot)."""
-    return jnp.einsum("tbi,ig->tbg", x, w) + b
-
-
-def _projection_fwd(x, w, b):
-    return input_projection(x, w, b), (x, w)
-
-
-def _projection_bwd(residuals, g):
-    x, w = residuals
-    return jnp.einsum("tbg,ig->tbi", g, w), jnp.einsum("tbi,tbg->ig", x, g), g.sum(axis=(0, 1))
-
-
-input_projection.defvjp(_projection_fwd, _projection_bwd)
-
-
 def lstm_scan(xw, w_hh, w_p, h0, c0, *, fused: bool = True, feature_major: bool | None = None):
     """LSTM recurrence: the custom-VJP path (`fused=True`, loop layout `feature_major`, None = by size) or
     the autodiff reference. Same shapes."""
@@ -355,7 +335,7 @@ class LSTMLayer(nnx.Module):
         dt = self.dtype
         carry = self.initial_carry(x.shape[1]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
         # All time steps' input projections in one matmul, outside the recurrence.
-        xw = input_projection(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
+        xw = layers.dense(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
         w_p = None if self.w_p is None else self.w_p[...].astype(dt)
         return lstm_scan(xw, self.w_hh[...].astype(dt), w_p, *carry, fused=self.fused)
 
