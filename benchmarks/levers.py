@@ -16,8 +16,9 @@ variant's step is traced, then restore it):
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
   lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
                  (lstm._Layout) whatever the hidden size
-  plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) differentiated by
-                 autodiff instead of layers.dense's custom VJP
+  plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as autodiff of an
+                 einsum instead of layers.dense's custom VJP
+  nnx_linear     transformer shapes: flax's nnx.Linear (autodiff; jaxlm's layer before layers.Linear)
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
 
@@ -39,6 +40,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from jaxlm import bench  # noqa: E402
 from jaxlm.models import attention, layers, lstm, transformer  # noqa: E402
@@ -132,7 +134,7 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
-    min_hidden, dense = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense
+    min_hidden, dense, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense, layers.linear
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
@@ -143,13 +145,18 @@ def patched(name):
             xw, w_hh, w_p, h0, c0)
     if name in ("lstm_batch_major", "lstm_feature_major"):
         lstm.FEATURE_MAJOR_MIN_HIDDEN = 0 if name == "lstm_feature_major" else 1 << 62
+    if name == "nnx_linear":
+        layers.linear = lambda i, o, *, dtype, rngs, init=None: nnx.Linear(
+            i, o, dtype=dtype, param_dtype=jnp.float32, kernel_init=init or layers.normal_init(),
+            bias_init=nnx.initializers.zeros_init(), rngs=rngs)
     if name == "plain_dense":
         layers.dense = lambda x, w, b: jnp.einsum("...i,io->...o", x, w) + b
     try:
         yield
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
-        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense = fused, min_hidden, dense
+        lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
+        layers.dense, layers.linear = dense, linear
 
 
 def build(shape: str, name: str):
