@@ -12,7 +12,8 @@ The LSTM recurrence has two implementations with the same forward function:
     matmul over all steps after the loop, as cuDNN and oneDNN do (this design measured +45-54% over
     autodiff of the scan on the 2-core CPU in shared/bench/README.md).  Tests check it equals the
     reference (outputs and gradients).  It supports reverse mode (grad, vjp, jacrev) but not forward
-    mode (jvp, jacfwd): build the model with `fused=False` for that.
+    mode (jvp, jacfwd): build the model with `fused=False` for that.  Its loops run batch-major or, from
+    hidden size FEATURE_MAJOR_MIN_HIDDEN, feature-major (`_Layout`), whichever XLA:CPU runs faster.
 The Elman RNN uses plain autodiff of its scan.
 """
 
@@ -106,7 +107,8 @@ def lstm_scan_reference(xw, w_hh, w_p, h0, c0):
 
 
 # Hidden sizes from which the fused recurrence runs feature-major (see `_Layout`): measured on the 2-core
-# Zen 3 VM (benchmarks/README.md), feature-major is 1.25-1.33x faster for a layer at H = 512 and 0.9x at H = 128.
+# Zen 3 VM (benchmarks/README.md), the LSTM small train step is 1.25x faster feature-major at H = 512, LSTM tiny
+# 0.92x at H = 128.
 FEATURE_MAJOR_MIN_HIDDEN = 256
 
 
@@ -149,17 +151,13 @@ class _Layout:
         return a.reshape(a.shape[:axis] + (a.shape[axis] * a.shape[axis + 1],) + a.shape[axis + 2:])
 
 
-def _auto_feature_major(hidden: int) -> bool:
-    return hidden >= FEATURE_MAJOR_MIN_HIDDEN
-
-
 def lstm_scan_fused(xw, w_hh, w_p, h0, c0, feature_major: bool | None = None):
     """Same function as :func:`lstm_scan_reference`, with a hand-written backward pass (see module doc).
 
     `feature_major` picks the loop layout (`_Layout`); None = by hidden size (FEATURE_MAJOR_MIN_HIDDEN).
     """
     if feature_major is None:
-        feature_major = _auto_feature_major(c0.shape[-1])
+        feature_major = c0.shape[-1] >= FEATURE_MAJOR_MIN_HIDDEN
     return _lstm_scan_fused(xw, w_hh, w_p, h0, c0, bool(feature_major))
 
 
