@@ -64,8 +64,10 @@ _CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent comp
 def _die(message: str, code: int = 2) -> None:
     """One line on stderr, no traceback."""
     print(f"launch.py: error: {' '.join(str(message).split())}", file=sys.stderr)
-    if "jaxlm.parallel" in sys.modules:   # multi-process: do not wait at JAX's shutdown barrier for stuck peers
-        sys.modules["jaxlm.parallel"].exit_now_if_multiprocess(code)
+    parallel = sys.modules.get("jaxlm.parallel")
+    if parallel is not None and parallel.is_multiprocess():   # do not wait at JAX's shutdown barrier for stuck peers
+        parallel.exit_now_if_multiprocess(code)
+        parallel.exit_multiprocess(code)
     sys.exit(code)
 
 

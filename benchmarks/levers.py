@@ -16,8 +16,8 @@ variant's step is traced, then restore it):
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
   lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
                  (lstm._Layout) whatever the hidden size
-  plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as autodiff of an
-                 einsum instead of layers.dense's custom VJP
+  plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as an einsum over
+                 [..., in] instead of layers.dense's 2-D matmul (same function, slower weight gradient)
   nnx_linear     transformer shapes: flax's nnx.Linear (autodiff; jaxlm's layer before layers.Linear)
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15

@@ -266,6 +266,20 @@ def is_multiprocess() -> bool:
     return distributed.global_state.client is not None
 
 
+def exit_multiprocess(code: int) -> None:
+    """End a multi-process run's process with `code` once every process is exiting (after
+    :func:`exit_now_if_multiprocess` returned): shut jax.distributed down explicitly, then os._exit.  A normal
+    interpreter exit tore the distributed client down in C++ static destructors, which sometimes aborted
+    (SIGABRT, "terminate called after throwing ...") after the checkpoint was already written."""
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def exit_now_if_multiprocess(code: int, *, wait_seconds: float = 5.0) -> None:
     """Call before exiting with an error: in a multi-process run whose other processes are not exiting too,
     end this process at once with `code`; otherwise return (the caller exits normally).
@@ -318,13 +332,7 @@ def _exit_at_once_after_traceback(exc_type, exc, tb):
         print(f"launch.py: error: {where} failed (traceback above)", file=sys.stderr, flush=True)
         code = 1
     exit_now_if_multiprocess(code)   # returns only when every process is exiting too
-    try:
-        jax.distributed.shutdown()
-    except Exception:  # noqa: BLE001 - exiting anyway
-        pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_multiprocess(code)
 
 
 def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) -> threading.Thread | None:

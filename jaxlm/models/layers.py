@@ -105,30 +105,16 @@ def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
-@jax.custom_vjp
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x [..., in] @ w [in, out] + b [out], with a hand-written backward pass.
+    """x [..., in] @ w [in, out] + b [out], written as one 2-D matmul over the flattened leading axes.
 
-    Same function and gradients as autodiff; the difference is how the weight gradient is written:
-    einsum("ni,no->io") over the flattened leading axes, which XLA:CPU runs as one YNNPACK matmul.
-    Autodiff's transposed dot_general became a transpose copy of the cotangent plus a slower Eigen dot;
-    the whole backward of a [4096, 256] x [256, 1024] layer measured 1.75x faster this way
-    (benchmarks/README.md).
+    Same function as einsum("...i,io->...o"), but autodiff of the 2-D form gives XLA:CPU a weight gradient
+    it runs as one YNNPACK matmul; the einsum's (and flax nnx.Linear's) became a transpose copy of the
+    cotangent plus a slower Eigen dot.  The backward of a [4096, 256] x [256, 1024] layer measured 1.7-2x
+    faster this way (benchmarks/README.md).  Plain autodiff, so every transformation (jvp too) works.
     """
-    return jnp.einsum("...i,io->...o", x, w) + b
-
-
-def _dense_fwd(x, w, b):
-    return dense(x, w, b), (x, w)
-
-
-def _dense_bwd(residuals, g):
-    x, w = residuals
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    return jnp.einsum("...o,io->...i", g, w), jnp.einsum("ni,no->io", x2, g2), g2.sum(axis=0)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
+    y = x.reshape(-1, x.shape[-1]) @ w
+    return y.reshape(x.shape[:-1] + (w.shape[-1],)) + b
 
 
 class Linear(nnx.Module):
