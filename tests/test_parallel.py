@@ -350,6 +350,7 @@ def test_interrupt_stops_every_process_at_the_same_step(corpus, tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [130, 130], [e[-1500:] for e in errs]
+    assert all("interrupted by SIGINT at step " in e for e in errs), [e[-1500:] for e in errs]
     steps = [int(e.split("interrupted by SIGINT at step ")[1].split(";")[0]) for e in errs]
     assert steps[0] == steps[1] and steps[0] % 4 == 0, steps   # agreed at a log_every boundary
     assert str(steps[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
