@@ -146,16 +146,18 @@ def train(config, workdir: str, *, restart: bool = False) -> dict:
     With ``train.stop_at_accuracy`` > 0 training ends early once a logged train/accuracy reaches it; the final
     eval, the checkpoint and ``train/steps_trained`` are then at that step (a rerun does not train on)."""
     run = setup(config, workdir, restart=restart)
-    try:
-        _log_start(run)
-        with _SignalFlag() as signals:   # also over the final eval and save: a signal there lets them finish
+    # The flag stays installed over the final eval and save, and over closing the checkpointer (which waits for
+    # an async save to finalize): a first signal there lets them finish instead of interrupting the save.
+    with _SignalFlag() as signals:
+        try:
+            _log_start(run)
             last = run.stopped_at or _train_loop(run, signals)
             final = evaluate(run, last)
             _save(run, last)
-        return {**final, "train/steps_trained": last}
-    finally:
-        run.checkpointer.close()
-        run.writer.close()
+            return {**final, "train/steps_trained": last}
+        finally:
+            run.checkpointer.close()
+            run.writer.close()
 
 
 def _log_start(run: Run) -> None:
