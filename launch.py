@@ -85,6 +85,8 @@ def _parse_flags(argv):
             sys.exit(0)
         flags.FLAGS(argv)
         return config_flag.value
+    except BrokenPipeError:    # `--helpfull | head`: the reader left while help was printed; __main__ ends quietly
+        raise
     except flags.Error as e:
         _die(e)
     except (AttributeError, KeyError) as e:       # ml_collections: unknown --config.a.b key

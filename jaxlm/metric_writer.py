@@ -16,7 +16,6 @@ import numpy as np
 import rich.console
 import rich.progress
 from PIL import Image
-from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
@@ -191,6 +190,7 @@ class MetricWriter:
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
     """All scalar summaries in workdir's event files: {tag: [(step, value), ...]} in file order."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator   # ~0.5 s: only readers pay
     acc = plugin_event_accumulator.EventAccumulator(workdir, size_guidance={plugin_event_accumulator.TENSORS: 0})
     acc.Reload()
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]

@@ -1,17 +1,21 @@
-"""What each --mode does: train, eval, sample, bench, analyze. Each takes the validated config and a workdir."""
+"""What each --mode does: train, eval, sample, bench, analyze. Each takes the validated config and a workdir.
+
+A mode imports what only it needs (matplotlib for analyze, the bench harness, the study) when it runs, so
+`launch.py` in train mode, and every early error, does not wait for them (about a second of start-up).
+"""
 
 from __future__ import annotations
 
 import json
 
-from jaxlm import bench, config as config_lib, features, generate, runs
-from jaxlm.analysis import hooks, study
+from jaxlm import config as config_lib, generate, runs
 from jaxlm.errors import UserError
 from jaxlm.train import loop
 
 
 def train(config, workdir: str, *, restart: bool = False, **_) -> dict:
     if "study" in config:   # experiments/long_range.py: many runs + the report (jaxlm/analysis/study.py)
+        from jaxlm.analysis import study
         return study.run_study(config, workdir)
     return loop.train(config, workdir, restart=restart)
 
@@ -20,6 +24,7 @@ def analyze(config, workdir: str, **_) -> dict:
     """Sensitivity, context ablation and attention maps of the run in workdir -> WORKDIR/analysis/.
 
     ``--config.analysis.KEY=VALUE`` overrides (values differing from the defaults) apply to the run's config."""
+    from jaxlm.analysis import hooks
     defaults = config_lib.flatten(config_lib.default_config())
     overrides = {k: v for k, v in config_lib.flatten(config).items()
                  if k.startswith("analysis.") and defaults.get(k) != v}
@@ -74,6 +79,7 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
 
 def _fill_mask(trained, prompt: str, top_k: int) -> list:
     """BERT: for each [MASK] in the prompt, the top_k fillers with probabilities."""
+    from jaxlm import features
     tables = features.fill_mask(trained, prompt, top_k)
     for i, rows in enumerate(tables, 1):
         print(f"[MASK] #{i} in {prompt!r} (step {trained.step}):")
@@ -82,5 +88,9 @@ def _fill_mask(trained, prompt: str, top_k: int) -> list:
     return tables
 
 
-MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench.run_bench,
-                  "analyze": analyze}
+def bench(config, workdir: str, **options) -> dict:
+    from jaxlm import bench as bench_lib
+    return bench_lib.run_bench(config, workdir, **options)
+
+
+MODE_FUNCTIONS = {"train": train, "eval": evaluate, "sample": sample, "bench": bench, "analyze": analyze}
