@@ -5,6 +5,7 @@ in ONE process, then timed in short interleaved blocks (A B C A B C ...), so mac
 Variants (jaxlm code is not modified: the attention ones patch MultiHeadAttention.__call__ while the
 variant's step is traced, then restore it):
   base        the current code (exact GELU)
+  attn_autodiff  attention core by autodiff (attention.attend_reference) instead of the custom VJP
   tanh_gelu   config model.gelu_approximate=True (a different function: tanh-approximate GELU)
   bf16        config model.dtype=bfloat16 (bf16 compute, f32 parameters and optimizer state)
   attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
@@ -134,12 +135,15 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
+    attend = attention.attend
     min_hidden, dense, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense, layers.linear
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
         transformer.Block.__call__ = BLOCK_PATCHES[name]
         FOLD_DEFERRED = name.endswith("deferred")
+    if name == "attn_autodiff":
+        attention.attend = attention.attend_reference
     if name == "lstm_autodiff":
         lstm.lstm_scan_fused = lambda xw, w_hh, w_p, h0, c0, feature_major=None: lstm.lstm_scan_reference(
             xw, w_hh, w_p, h0, c0)
@@ -156,7 +160,7 @@ def patched(name):
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
         lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
-        layers.dense, layers.linear = dense, linear
+        layers.dense, layers.linear, attention.attend = dense, linear, attend
 
 
 def build(shape: str, name: str):

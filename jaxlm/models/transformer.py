@@ -22,12 +22,12 @@ from jaxlm.models import attention, layers
 class Block(nnx.Module):
     """Pre-LN transformer block: x + Drop(MHA(LN(x))), then x + Drop(MLP(LN(x))).  x [B, T, d] -> [B, T, d]."""
 
-    def __init__(self, cfg, *, causal: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, causal: bool, rngs: nnx.Rngs, fused: bool = True):
         d, dtype = cfg.d_model, layers.compute_dtype(cfg)
         self.rate = float(cfg.dropout)
         self.ln1 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.attn = attention.MultiHeadAttention(d, cfg.num_heads, causal=causal, num_layers=cfg.num_layers,
-                                                 dtype=dtype, rngs=rngs)
+                                                 dtype=dtype, rngs=rngs, fused=fused)
         self.ln2 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlp = layers.MlpBlock(d, cfg.mlp_ratio * d, num_layers=cfg.num_layers,
                                    gelu_approximate=bool(cfg.gelu_approximate), dtype=dtype, rngs=rngs)
@@ -43,9 +43,11 @@ class Transformer(nnx.Module):
 
     Built as ``Cls(cfg, vocab_size, *, rngs)`` (cfg = the ``config.model`` slice).  State is only
     nnx.Param: dropout keys come in at call time.  Use :class:`Decoder` or :class:`Encoder`.
+    ``fused=False`` differentiates attention by plain autodiff (forward mode, jvp/jacfwd, works then).
     """
 
-    def __init__(self, cfg, vocab_size: int, *, causal: bool, mlm_head: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, vocab_size: int, *, causal: bool, mlm_head: bool, rngs: nnx.Rngs,
+                 fused: bool = True):
         d, dtype = cfg.d_model, layers.compute_dtype(cfg)
         self.causal = causal
         self.max_len = int(cfg.max_len)
@@ -54,7 +56,7 @@ class Transformer(nnx.Module):
         self.token_embed = layers.Embed(vocab_size, d, dtype=dtype, rngs=rngs,
                                         std=layers.embedding_std(cfg, recurrent=False))
         self.pos_embed = layers.PositionEmbed(self.max_len, d, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, causal=causal, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.blocks = nnx.List([Block(cfg, causal=causal, rngs=rngs, fused=fused) for _ in range(cfg.num_layers)])
         self.ln_f = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlm_head = mlm_head
         if mlm_head:
@@ -127,15 +129,15 @@ class Transformer(nnx.Module):
 class Decoder(Transformer):
     """GPT: causal self-attention; logits at t predict token t+1."""
 
-    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
-        super().__init__(cfg, vocab_size, causal=True, mlm_head=False, rngs=rngs)
+    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs, fused: bool = True):
+        super().__init__(cfg, vocab_size, causal=True, mlm_head=False, rngs=rngs, fused=fused)
 
 
 class Encoder(Transformer):
     """BERT: bidirectional self-attention with key padding mask, MLM head; logits at t reconstruct token t."""
 
-    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs):
-        super().__init__(cfg, vocab_size, causal=False, mlm_head=True, rngs=rngs)
+    def __init__(self, cfg, vocab_size: int, *, rngs: nnx.Rngs, fused: bool = True):
+        super().__init__(cfg, vocab_size, causal=False, mlm_head=True, rngs=rngs, fused=fused)
 
 
 def flops_per_token(cfg, vocab_size: int, seq_len: int) -> float:

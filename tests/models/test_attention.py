@@ -81,3 +81,64 @@ def test_bfloat16_compute_keeps_float32_weights():
     assert out.dtype == jnp.bfloat16 and w.dtype == np.float32
     assert layer.qkv.kernel[...].dtype == jnp.float32
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+
+
+# ---- the custom-VJP core (attention.attend) vs autodiff of the straightforward one -------------------------
+
+CASES = {"causal": (True, None), "padding": (False, [6, 3, 1]), "causal+padding": (True, [6, 3, 1]),
+         "fully_masked_row": (True, [6, 0, 2]), "bidirectional": (False, None)}
+
+
+def _vjp_pair(fn, q, k, v, causal, mask, dy):
+    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, causal, mask), q, k, v)
+    return out, pull(dy)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_attend_equals_autodiff_in_outputs_and_gradients(case):
+    causal, lengths = CASES[case]
+    b, t, h, dh = 3, 6, 2, 8
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (b, t, h, dh)) for i in range(4))
+    mask = None if lengths is None else jnp.asarray(np.arange(t)[None] < np.array(lengths)[:, None])
+    y_ref, grads_ref = _vjp_pair(attention.attend_reference, q, k, v, causal, mask, dy)
+    y, grads = jax.jit(lambda *a: _vjp_pair(attention.attend, *a, causal, mask, dy))(q, k, v)
+    assert y.dtype == y_ref.dtype and all(g.dtype == jnp.float32 for g in grads)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for name, g, r in zip("qkv", grads, grads_ref):
+        r = np.asarray(r)
+        assert np.abs(r).max() > 0.1, name
+        assert np.abs(np.asarray(g) - r).max() <= 1e-5 * np.abs(r).max(), name
+    if lengths is not None and 0 in lengths:   # the query rows of an all-padding sequence get no gradient
+        assert np.all(np.asarray(grads[0])[1] == 0)
+
+
+def test_fused_attend_in_bfloat16_matches_autodiff_within_bfloat16_rounding():
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16), jnp.bfloat16) for i in range(4))
+    y_ref, ref = _vjp_pair(attention.attend_reference, q, k, v, True, None, dy)
+    y, grads = _vjp_pair(attention.attend, q, k, v, True, None, dy)
+    assert y.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    for g, r in zip((y, *grads), (y_ref, *ref)):
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        assert np.abs(g - r).max() <= 0.03 * np.abs(r).max()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_layer_gradients_equal_the_autodiff_layer(causal):
+    """The whole layer (projections included), fused vs fused=False, same parameters; jvp works unfused."""
+    x = jax.random.normal(jax.random.key(5), (2, 7, 32))
+    mask = None if causal else jnp.asarray(np.arange(7)[None] < np.array([[7], [4]]))
+    layers = {f: attention.MultiHeadAttention(32, 4, causal=causal, num_layers=2, dtype=jnp.float32,
+                                              rngs=nnx.Rngs(params=0), fused=f) for f in (True, False)}
+    grads, apply = {}, {}
+    for fused, layer in layers.items():
+        graphdef, params = nnx.split(layer, nnx.Param)
+        apply[fused] = lambda x, g=graphdef, p=params: nnx.merge(g, p)(x, mask)
+        loss = lambda p, x, g=graphdef: jnp.sum(jnp.sin(nnx.merge(g, p)(x, mask)))   # noqa: E731
+        grads[fused] = jax.grad(loss, argnums=(0, 1))(params, x)
+    for a, r in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        r = np.asarray(r)
+        assert np.abs(np.asarray(a) - r).max() <= 1e-5 * np.abs(r).max()
+    _, tangent = jax.jvp(apply[False], (x,), (jnp.ones_like(x),))   # forward mode needs the autodiff layer
+    assert np.isfinite(np.asarray(tangent)).all() and np.abs(np.asarray(tangent)).max() > 0
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(apply[True], (x,), (jnp.ones_like(x),))
