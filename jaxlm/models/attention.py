@@ -9,7 +9,7 @@ such rows are then zeroed so a query that may see nothing attends to nothing.
 The layer's core `weights @ v` has two implementations with the same forward function:
   * `attend_reference`: the straightforward einsums, differentiated by JAX autodiff;
   * `attend` (default): a `jax.custom_vjp` with the textbook backward (dP = dY V^T,
-    dS = P * (dP - rowsum(dY * Y)), dQ = dS K, dK = dS^T Q, dV = P^T dY), which XLA:CPU runs 4-5% faster per
+    dS = P * (dP - rowsum(dY * Y)), dQ = dS K, dK = dS^T Q, dV = P^T dY), which XLA:CPU runs 3% faster per
     GPT train step than autodiff's (benchmarks/README.md).  Tests check it equals the reference (outputs and
     gradients).  Reverse mode only (grad, vjp, jacrev): build the layer with `fused=False` for jvp/jacfwd.
 """
@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from jaxlm.models import layers
 
@@ -73,40 +74,54 @@ def attention_weights(q: jax.Array, k: jax.Array, *, causal: bool = False,
     return weights
 
 
-def attend_reference(q, k, v, causal: bool, mask: jax.Array | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(Dh)) v over visible keys: q, k, v [B, T, H, Dh] -> [B, T, H, Dh] (v's dtype)."""
+def attend_reference(q, k, v, causal: bool, mask: jax.Array | None = None):
+    """softmax(q k^T / sqrt(Dh)) v over visible keys, differentiated by autodiff.
+
+    q, k, v [B, T, H, Dh] -> (y [B, T, H, Dh] in v's dtype, weights float32 [B, H, T, T]).
+    """
     weights = attention_weights(q, k, causal=causal, mask=mask)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v), weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attend(q, k, v, causal: bool, mask: jax.Array | None = None) -> jax.Array:
-    """`attend_reference` with a hand-written backward (see the module docstring); mask is not differentiated."""
+def attend(q, k, v, causal: bool, mask: jax.Array | None = None):
+    """`attend_reference` with a hand-written backward (see the module docstring); mask is not differentiated.
+
+    The weights are an output so the layer can sow them without computing them twice; their cotangent is
+    symbolically zero unless something differentiates through them, and then it is included.
+    """
     return attend_reference(q, k, v, causal, mask)
 
 
 def _attend_fwd(q, k, v, causal, mask):
-    weights = attention_weights(q, k, causal=causal, mask=mask)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    return y, (q, k, v, weights, y, mask)
+    # symbolic_zeros=True: the differentiable inputs arrive wrapped (CustomVJPPrimal); None stays None.
+    q, k, v, mask = (None if a is None else a.value for a in (q, k, v, mask))
+    y, weights = attend_reference(q, k, v, causal, mask)
+    return (y, weights), (q, k, v, weights, y, mask)
 
 
-def _attend_bwd(causal, residuals, dy):
+def _attend_bwd(causal, residuals, cotangents):
     q, k, v, weights, y, mask = residuals
+    dy, dweights = cotangents
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros_like(y)
     f32 = jnp.float32
     dv = jnp.einsum("bhqk,bqhd->bkhd", weights.astype(v.dtype), dy.astype(v.dtype))
     dp = jnp.einsum("bqhd,bkhd->bhqk", dy, v, preferred_element_type=f32)
-    # sum_k P dP = sum_d dY Y: a [B, T, H] reduction over Dh instead of one over [B, H, T, T].  Masked keys
-    # (and zeroed rows) have P = 0, so their dS is 0, as autodiff's where/softmax backward gives.
-    rows = jnp.einsum("bqhd,bqhd->bhq", dy, y, preferred_element_type=f32)[..., None]
-    ds = (weights * (dp - rows)).astype(q.dtype)
+    # softmax backward dS = P (dP - sum_k P dP), with sum_k P dP = sum_d dY Y: a reduction over Dh instead
+    # of one over [B, H, T, T].  Masked keys (and zeroed rows) have P = 0, so their dS is 0, as in autodiff.
+    rows = jnp.sum(dy.astype(f32) * y.astype(f32), axis=-1).transpose(0, 2, 1)[..., None]
+    dp = dp - rows
+    if not isinstance(dweights, SymbolicZero):   # something differentiates through the sown weights too
+        dp = dp + dweights - jnp.sum(weights * dweights, axis=-1, keepdims=True)
+    ds = (weights * dp).astype(q.dtype)
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k) * scale
     dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q * scale)
     return dq, dk, dv, None
 
 
-attend.defvjp(_attend_fwd, _attend_bwd)
+attend.defvjp(_attend_fwd, _attend_bwd, symbolic_zeros=True)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -144,7 +159,6 @@ class MultiHeadAttention(nnx.Module):
         """x [B, T, d], mask bool [B, T] (True = real) or None -> [B, T, d]."""
         b, t, d = x.shape
         q, k, v = self.project(x)
-        # Recomputed for the sow rather than returned by `attend`: dead code (free) unless captured.
-        self.sow(nnx.Intermediate, "attention_weights", attention_weights(q, k, causal=self.causal, mask=mask))
-        y = (attend if self.fused else attend_reference)(q, k, v, self.causal, mask)
+        y, weights = (attend if self.fused else attend_reference)(q, k, v, self.causal, mask)
+        self.sow(nnx.Intermediate, "attention_weights", weights)
         return self.out(y.reshape(b, t, d))

@@ -90,7 +90,8 @@ CASES = {"causal": (True, None), "padding": (False, [6, 3, 1]), "causal+padding"
 
 
 def _vjp_pair(fn, q, k, v, causal, mask, dy):
-    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, causal, mask), q, k, v)
+    """(y, grads of sum(y * dy)) -- the weights output unused, so its cotangent is symbolically zero."""
+    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, causal, mask)[0], q, k, v)
     return out, pull(dy)
 
 
@@ -110,6 +111,26 @@ def test_fused_attend_equals_autodiff_in_outputs_and_gradients(case):
         assert np.abs(np.asarray(g) - r).max() <= 1e-5 * np.abs(r).max(), name
     if lengths is not None and 0 in lengths:   # the query rows of an all-padding sequence get no gradient
         assert np.all(np.asarray(grads[0])[1] == 0)
+
+
+def test_fused_attend_gradient_through_the_weights_output_equals_autodiff():
+    """A loss on the returned (sown) weights as well as on y: the weights' cotangent must be included."""
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, 6, 2, 8)) for i in range(4))
+    mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [3]]))
+
+    def loss(fn):
+        def f(q, k, v):
+            y, w = fn(q, k, v, True, mask)
+            return jnp.sum(y * dy) + jnp.sum(jnp.sin(3.0 * w))
+        return f
+    ref = jax.grad(loss(attention.attend_reference), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(attention.attend), argnums=(0, 1, 2))(q, k, v)
+    only_y = jax.grad(lambda *a: jnp.sum(attention.attend(*a, True, mask)[0] * dy), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r, y in zip("qkv", got, ref, only_y):
+        r = np.asarray(r)
+        assert np.abs(np.asarray(g) - r).max() <= 1e-5 * np.abs(r).max(), name
+        if name != "v":   # the weights do not depend on v; for q and k their term matters here
+            assert np.abs(np.asarray(y) - r).max() > 1e-3 * np.abs(r).max(), name
 
 
 def test_fused_attend_in_bfloat16_matches_autodiff_within_bfloat16_rounding():
