@@ -89,6 +89,7 @@ def _fill_mask(trained, prompt: str, top_k: int) -> list:
 
 
 def bench(config, workdir: str, **options) -> dict:
+    """Training speed of the reference shapes (or of --config's model) -> WORKDIR/bench.json."""
     from jaxlm import bench as bench_lib
     return bench_lib.run_bench(config, workdir, **options)
 

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from child_env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.max_len=32", "--config.data.seq_len=32", "--config.train.batch_size=4",
@@ -26,7 +28,7 @@ CORPUS = "the cat sat on a mat and the dog ran far away home\n" * 60
 
 def launch(*args, timeout=240):
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=timeout)
+                          cwd=ROOT, env=child_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

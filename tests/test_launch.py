@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from child_env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.max_len=32", "--config.data.seq_len=32", "--config.train.batch_size=4",
@@ -16,7 +18,7 @@ TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.mo
 
 
 def launch(*args, cwd=None, env=None, timeout=240):
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+    full_env = child_env(**(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True, text=True,
                           cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
@@ -100,7 +102,7 @@ def test_training_writes_tensorboard_metrics_config_and_samples(tmp_path, corpus
 def test_a_closed_stdout_ends_quietly():
     # `launch.py --helpfull | head -1`: the reader goes away after one line; no BrokenPipeError traceback
     pipe = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), "--helpfull"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                            stderr=subprocess.PIPE, cwd=ROOT, env=child_env())
     pipe.stdout.readline()
     pipe.stdout.close()
     stderr = pipe.communicate(timeout=60)[1].decode()

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 import parallel_worker as worker
+from child_env import child_env
 from jaxlm import parallel
 from jaxlm.train import step as step_lib
 
@@ -48,8 +49,8 @@ def _env(devices: int, tmp_path, **extra) -> dict:
     """Environment of a launch.py child: CPU with `devices` simulated devices, and one compilation cache for
     the whole session (a resumed run reuses the programs the uninterrupted run compiled)."""
     cache = os.path.join(os.path.dirname(str(tmp_path)), "jaxlm-compilation-cache")   # tmp_path: BASETEMP/x
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLM_NO_REEXEC="1", JAXLM_CACHE_DIR=cache,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+    env = child_env(xla_flags=f"--xla_force_host_platform_device_count={devices}", JAXLM_NO_REEXEC="1",
+                    JAXLM_CACHE_DIR=cache, PYTHONPATH=ROOT)
     env.update(extra)
     return env
 

@@ -23,6 +23,8 @@ import time
 import numpy as np
 import pytest
 
+from child_env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.max_len=32", "--config.data.seq_len=32", "--config.train.batch_size=4",
@@ -92,7 +94,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _env(extra=None):
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAXLM_ROOT=ROOT, **(extra or {}))
+    return child_env(JAXLM_ROOT=ROOT, **(extra or {}))
 
 
 def launch(*args, env=None, timeout=300, prefix=()):
