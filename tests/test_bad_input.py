@@ -1,5 +1,6 @@
 """Every bad input ends the same way (issue 7): exit code 2, exactly one non-empty line on stderr that names the
-bad value, and no traceback. Each case is a real `python launch.py ...` in a subprocess.
+bad value, and no traceback. Each case is a real `python launch.py ...` in a subprocess (without the huge-page
+re-exec, which keeps the pid, exit code and output: tests/test_bench.py checks it).
 
 Arguments are templates: {data} is a folder of (bad) data files, {w} a fresh workdir, {char_run} / {bert_run}
 finished 2-step runs (a char-vocabulary GPT, a BERT, an ELMo), {no_ckpt} the char run without its
@@ -28,7 +29,7 @@ CORPUS = "the cat sat on a mat and the dog ran far away home\n" * 60
 
 def launch(*args, timeout=240):
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=child_env(), timeout=timeout)
+                          cwd=ROOT, env=child_env(JAXLM_NO_REEXEC="1"), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Decoder (GPT) / Encoder (BERT): causality, bidirectionality, functional use, remat, overfitting, FLOPs."""
+"""Decoder (GPT) / Encoder (BERT): causality, bidirectionality, functional use, dropout, overfitting, FLOPs
+(remat: tests/test_parallel.py, through the train step)."""
 
 import functools
 import math
@@ -163,7 +164,7 @@ def test_gradient_wrt_embeddings_is_causal_for_decoder():
     assert (norms[5:] == 0).all() and (norms[:5] > 0).all()
 
 
-# ---------------------------------------------------------------- dropout and remat
+# ---------------------------------------------------------------- dropout
 
 def lm_loss(graphdef, params, tokens, key):
     logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], dropout_key=key)
@@ -180,16 +181,6 @@ def test_dropout_is_keyed_and_off_without_key():
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3 and np.abs(a - g(params)).max() > 1e-3
     np.testing.assert_array_equal(g(params), g(params))
-
-
-def test_remat_gives_the_same_gradients():
-    tokens = random_tokens(9, t=17)
-    grads = []
-    for remat in (False, True):
-        graphdef, params = nnx.split(build(transformer.Decoder, dropout=0.1, remat=remat), nnx.Param)
-        grads.append(jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, tokens, jax.random.key(3))))(params))
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 # ---------------------------------------------------------------- it learns
