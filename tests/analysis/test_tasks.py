@@ -3,7 +3,6 @@ so the answer positions, the masking and the objectives' conventions line up."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

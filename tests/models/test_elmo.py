@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm.models import elmo, lstm, scalar_mix
+from jaxlm.models import elmo, scalar_mix
 
 
 def _cfg(**overrides):
