@@ -171,6 +171,8 @@ def main(argv) -> int:
         from jaxlm import parallel   # before anything touches the devices
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         auto=_DISTRIBUTED.value)
+        if mode == "train":   # bench children configure their own; eval/sample/analyze keep the default device
+            parallel.configure_cpu_devices(config)
         _configure_jax(_CACHE.value)
         jaxlm.run(config, workdir, mode, restart=_RESTART.value, prompt=_PROMPT.value, num_tokens=_NUM_TOKENS.value,
                   num_samples=_NUM_SAMPLES.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

@@ -266,6 +266,7 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     config = config_lib.load(model_dir)
+    parallel.configure_cpu_devices(config)   # as launch.py does for a training run
     tokenizer = bench_tokenizer(config, model_dir)
     dp, state, spec, num_params = build_step(config, tokenizer)
     b, t, v = config.train.batch_size, config.data.seq_len, tokenizer.vocab_size
@@ -296,7 +297,8 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
     other = max(0.0, _other_cpu_seconds() - busy0 - own_cpu)
     last_loss = float(metrics["train/loss"])
     train_fn = step_lib.bind(spec)[0]
-    one = batch(0)
+    # Unsharded shapes: XLA's cost analysis of a program split over devices counts one device's share.
+    state, one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch(0)))
     compiled = jax.jit(train_fn).lower(state, one).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -304,7 +306,8 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
     med = statistics.median(times)
     return {
         "config": {"model": config.model.to_dict(), "seq_len": t, "batch_size": b, "vocab_size": v,
-                   "stateful": config.train.stateful, "strategy": config.parallel.strategy},
+                   "stateful": config.train.stateful, "strategy": config.parallel.strategy,
+                   "devices": jax.device_count()},
         "params": num_params,
         "flops_per_token": models.FLOPS_PER_TOKEN[config.model.name](config.model, v, t),
         "flops_per_token_xla": float(cost.get("flops", float("nan"))) / tokens,

@@ -104,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.strategy = "jit"      # jit (mesh + NamedSharding) | pmap (legacy)
     c.parallel.fsdp = 1              # jit: split params + optimizer state over this many devices (must divide them)
+    c.parallel.cpu_devices = 0       # CPU: XLA devices to split the host into (0 = auto, see parallel.cpu_device_count)
     return c
 
 
@@ -164,6 +165,9 @@ def validate(config) -> None:
         _fail("parallel.fsdp", fsdp, "must be a positive integer dividing the number of devices")
     if fsdp > 1 and config.parallel.strategy != "jit":
         _fail("parallel.fsdp", fsdp, "fsdp > 1 needs parallel.strategy='jit'")
+    cpu_devices = config.parallel.cpu_devices
+    if not isinstance(cpu_devices, int) or isinstance(cpu_devices, bool) or cpu_devices < 0:
+        _fail("parallel.cpu_devices", cpu_devices, "must be 0 (auto) or a positive number of CPU devices")
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"choose from {', '.join(SCHEDULES)}")
     if m.lstm_init not in LSTM_INITS:

@@ -73,6 +73,8 @@ def test_training_writes_tensorboard_metrics_config_and_samples(tmp_path, corpus
                "--config.optim.warmup_steps=5", "--config.optim.learning_rate=3e-3", *TINY)
     assert r.returncode == 0, r.stderr
     assert "tensorboard --logdir" in r.stdout
+    one_per_core = max(n for n in range(1, len(os.sched_getaffinity(0)) + 1) if 4 % n == 0)   # batch 4 split
+    assert f"{one_per_core} device(s)" in r.stdout + r.stderr   # parallel.cpu_devices=0: a GPT gets a device per core
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["d_model"] == 32
     from tensorboard.backend.event_processing import plugin_event_accumulator as pea
