@@ -12,7 +12,13 @@ starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as launch.py gives users, unl
       --variant='tanh model.gelu_approximate=True' \\
       --variant="dev2 'XLA_FLAGS=--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false'"
 
-Settings are split like a shell command line (shlex), so quote a value that has spaces.
+Settings are split like a shell command line (shlex), so quote a value that has spaces.  To time another
+version of the code against this one, give it as a variant's PYTHONPATH and run from outside the repo (the
+timing child is ``python -m jaxlm.bench``, which would otherwise import jaxlm from the current directory):
+
+  git worktree add /tmp/candidate && (edit it) && cd /tmp && \
+      python /path/to/jaxlm/benchmarks/ab.py --shape=lstm_small --rounds=4 --variant=base \
+      --variant='candidate PYTHONPATH=/tmp/candidate'
 
 Prints per-round tokens/s and, per variant, the median over rounds of (variant / first variant) in the
 same round: on a shared, noisy machine only such paired ratios mean something.  The CPU-time ratio (the
