@@ -212,3 +212,190 @@ def test_cpu_devices_is_left_alone_once_chosen():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3"))
     assert out.stdout.split() == ["None", "3"], out.stderr[-2000:]
+
+
+# ---- through launch.py: device counts, checkpoints across them, processes ------------------------------------
+
+STEPS = 6
+
+
+def _launch_args(corpus: str, workdir: str, steps: int = STEPS, log_every: int = 1) -> list[str]:
+    return ["--config=" + os.path.join(ROOT, "experiments", "gpt_char.py"), f"--config.data.source=text:{corpus}",
+            "--config.data.tokenizer=bytes", "--config.model.num_layers=1", "--config.model.d_model=32",
+            "--config.model.num_heads=2", "--config.model.max_len=16", "--config.data.seq_len=16",
+            f"--config.train.steps={steps}", "--config.train.batch_size=8", f"--config.train.log_every={log_every}",
+            "--config.train.eval_every=3", "--config.train.checkpoint_every=3", "--config.train.eval_batches=1",
+            "--config.train.sample_length=0", "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
+            f"--workdir={workdir}"]
+
+
+def _start(args, env, log: str) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, LAUNCH, *args], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+
+
+def _finish(procs_and_logs, timeout: float = 300):
+    for proc, log in procs_and_logs:
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, open(log).read()[-3000:]
+
+
+def _metrics(workdir: str) -> dict:
+    """{step: {train/...: v, eval/...: v}} from metrics.jsonl (later lines win)."""
+    out: dict = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def _assert_same_run(a: dict, b: dict, steps):
+    for step in steps:
+        for key in ("train/loss", "train/grad_norm", "train/param_norm"):
+            assert abs(a[step][key] - b[step][key]) <= RTOL * abs(a[step][key]), (step, key, a[step][key], b[step][key])
+    assert abs(a[STEPS]["eval/loss"] - b[STEPS]["eval/loss"]) <= RTOL * a[STEPS]["eval/loss"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog and then runs far away into the forest".split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words, 6000)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory, corpus):
+    """Uninterrupted 6-step runs on 1 and on 8 devices (started together: 2 cores)."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {n: str(root / f"dev{n}") for n in (1, 8)}
+    started = [(_start(_launch_args(corpus, runs[n]), _env(n, root), runs[n] + ".log"), runs[n] + ".log")
+               for n in (1, 8)]
+    _finish(started)
+    return runs
+
+
+def test_eight_devices_match_one_through_launch(full_runs):
+    one, eight = _metrics(full_runs[1]), _metrics(full_runs[8])
+    _assert_same_run(one, eight, range(1, STEPS + 1))
+    assert one[STEPS]["train/loss"] < one[1]["train/loss"]
+
+
+def test_checkpoint_resumes_across_device_counts(full_runs, tmp_path):
+    """Step-3 checkpoint of the 8-device run continued on 1 device (and vice versa) == the uninterrupted run."""
+    started = []
+    for saved_on, resume_on in ((8, 1), (1, 8)):
+        workdir = str(tmp_path / f"from{saved_on}on{resume_on}")
+        shutil.copytree(full_runs[saved_on], workdir)
+        shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))
+        os.remove(os.path.join(workdir, "metrics.jsonl"))
+        started.append((_start(_launch_args(_corpus_of(workdir), workdir), _env(resume_on, str(tmp_path)),
+                               workdir + ".log"), workdir + ".log"))
+    _finish(started)
+    for saved_on, resume_on in ((8, 1), (1, 8)):
+        resumed = _metrics(str(tmp_path / f"from{saved_on}on{resume_on}"))
+        assert min(resumed) == 4, sorted(resumed)   # it really resumed from step 3
+        _assert_same_run(_metrics(full_runs[saved_on]), resumed, range(4, STEPS + 1))
+
+
+def _corpus_of(workdir: str) -> str:
+    with open(os.path.join(workdir, "config.json")) as f:
+        return json.load(f)["data"]["source"].split(":", 1)[1]
+
+
+def test_two_processes_match_one(full_runs, corpus, tmp_path):
+    """2 processes x 2 devices on 127.0.0.1 via scripts/launch_local.py (fsdp=2 across them) == 1 process."""
+    workdir = str(tmp_path / "mp")
+    proc = subprocess.run([sys.executable, LAUNCH_LOCAL, "--num_processes=2", "--devices_per_process=2", "--",
+                           *_launch_args(corpus, workdir), "--config.parallel.fsdp=2"],
+                          env=_env(1, str(tmp_path)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "4 device(s)" in proc.stdout
+    _assert_same_run(_metrics(full_runs[1]), _metrics(workdir), range(1, STEPS + 1))
+    assert len([n for n in os.listdir(workdir) if n.startswith("events.out")]) == 1   # only process 0 writes
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert len([json.loads(line)["step"] for line in f if '"train/loss"' in line]) == STEPS
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_peer_makes_survivor_exit_with_a_clear_message(corpus, tmp_path, victim):
+    """Process 1 killed: process 0 exits 4 with a clear line (its failed collective or, if that blocks, its
+    watchdog after JAXLM_PEER_TIMEOUT).  Process 0 (the coordinator) killed: JAX aborts process 1 at once
+    with its own 'another task died' message."""
+    workdir = str(tmp_path / "kill")
+    env = _env(1, str(tmp_path), JAXLM_PEER_TIMEOUT="10")
+    address = f"127.0.0.1:{launch_local.free_port()}"
+    args = _launch_args(corpus, workdir, steps=100000, log_every=4)
+    procs = [subprocess.Popen([sys.executable, LAUNCH, *args, f"--coordinator_address={address}",
+                               "--num_processes=2", f"--process_id={i}"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    survivor = procs[1 - victim]
+    try:
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 500):   # both are training
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[victim].kill()
+        killed = time.monotonic()
+        _, err = survivor.communicate(timeout=120)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert elapsed < 120
+    if victim == 1:
+        assert survivor.returncode == parallel.EXIT_PEER_LOST, err[-2000:]
+        # the watchdog's line, or (when gloo notices the closed connection first) the failed collective's
+        assert ("process 0 of 2: process 1 stopped responding" in err
+                or "process 0 of 2: a collective with the other processes failed" in err), err[-2000:]
+        assert "restart all processes" in err, err[-2000:]
+    else:
+        assert survivor.returncode != 0, err[-2000:]
+        assert "another task died" in err or "stopped responding" in err or "coordination service" in err, err[-2000:]
+
+
+def test_interrupt_stops_every_process_at_the_same_step(corpus, tmp_path):
+    """Ctrl-C reaching the 2 processes 0.5 s apart: they agree on the step, checkpoint it once and exit 130."""
+    workdir = str(tmp_path / "sigint")
+    address = f"127.0.0.1:{launch_local.free_port()}"
+    args = _launch_args(corpus, workdir, steps=100000, log_every=4)
+    procs = [subprocess.Popen([sys.executable, LAUNCH, *args, f"--coordinator_address={address}",
+                               "--num_processes=2", f"--process_id={i}"], env=_env(1, str(tmp_path)), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 1000):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [130, 130], [e[-1500:] for e in errs]
+    assert all("interrupted by SIGINT at step " in e for e in errs), [e[-1500:] for e in errs]
+    steps = [int(e.split("interrupted by SIGINT at step ")[1].split(";")[0]) for e in errs]
+    assert steps[0] == steps[1] and steps[0] % 4 == 0, steps   # agreed at a log_every boundary
+    assert str(steps[0]) in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_initialize_distributed_rejects_partial_flags():
+    from jaxlm.errors import UserError
+    with pytest.raises(UserError, match="need all of"):
+        parallel.initialize_distributed("127.0.0.1:1234", None, None)
+    with pytest.raises(UserError, match="process_id"):
+        parallel.initialize_distributed("127.0.0.1:1234", 2, 5)
+    with pytest.raises(UserError, match="HOST:PORT"):
+        parallel.initialize_distributed("localhost", 2, 0)
+    assert parallel.initialize_distributed(None, None, None) is False
+    assert parallel.initialize_distributed("127.0.0.1:1234", 1, 0) is False
