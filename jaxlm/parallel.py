@@ -243,11 +243,11 @@ def configure_cpu_devices(config) -> int | None:
     otherwise.  On GPU/TPU hosts only the (unused) CPU backend is affected, so this is safe everywhere.
     """
     from jax._src import xla_bridge
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or xla_bridge.backends_are_initialized():
+    forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if forced or xla_bridge.backends_are_initialized() or (is_multiprocess() and not config.parallel.cpu_devices):
         return None
-    if is_multiprocess() and not config.parallel.cpu_devices:
-        return None
-    count = cpu_device_count(config, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    count = cpu_device_count(config, cores)
     jax.config.update("jax_num_cpu_devices", count)
     return count
 

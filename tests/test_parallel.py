@@ -196,7 +196,8 @@ def test_cpu_devices_auto_is_one_per_core_for_transformers_only():
     assert parallel.cpu_device_count(_cpu_config("bert"), cores=8) == 8
     assert parallel.cpu_device_count(_cpu_config("gpt", batch=12), cores=8) == 6    # largest count splitting the batch
     assert parallel.cpu_device_count(_cpu_config("gpt", batch=3), cores=2) == 1
-    assert parallel.cpu_device_count(_cpu_config("gpt", batch=8, accum=8), cores=2) == 1   # 4 rows can't make 8 micro-batches
+    # 2 devices would leave 4 rows each: too few for 8 micro-batches
+    assert parallel.cpu_device_count(_cpu_config("gpt", batch=8, accum=8), cores=2) == 1
     for name in ("rnn", "lstm", "elmo"):
         assert parallel.cpu_device_count(_cpu_config(name), cores=2) == 1
     assert parallel.cpu_device_count(_cpu_config("gpt", study=True), cores=2) == 1   # a study also trains LSTMs
