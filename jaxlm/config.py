@@ -142,6 +142,11 @@ def _positive(config, keys):
             _fail(key, value, "must be a positive number")
 
 
+def splits_batch(train, devices: int) -> bool:
+    """True if `devices` devices each get an equal share of the batch, in whole gradient-accumulation micro-batches."""
+    return train.batch_size % devices == 0 and (train.batch_size // devices) % max(train.grad_accum_steps, 1) == 0
+
+
 def _get(config, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -199,6 +204,9 @@ def validate(config) -> None:
         _fail("train.log_every", t.log_every, "must be <= 32 (more queued steps hang XLA:CPU collectives; DESIGN.md)")
     if t.batch_size % t.grad_accum_steps:
         _fail("train.grad_accum_steps", t.grad_accum_steps, f"must divide train.batch_size={t.batch_size}")
+    if config.parallel.cpu_devices and not splits_batch(t, config.parallel.cpu_devices):
+        _fail("parallel.cpu_devices", config.parallel.cpu_devices, f"must split train.batch_size={t.batch_size} into "
+              f"equal per-device batches divisible by train.grad_accum_steps={t.grad_accum_steps}, or be 0 (auto)")
     if d.tokenizer == "bpe" and d.vocab_size < 300:
         _fail("data.vocab_size", d.vocab_size, "bpe needs data.vocab_size >= 300 (256 bytes + special tokens + merges)")
     if t.stateful and m.name not in RECURRENT_MODELS:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxlm import config as config_lib
 from jaxlm.errors import UserError
 
 PMAP_AXIS = "batch"
@@ -230,8 +231,7 @@ def cpu_device_count(config, cores: int) -> int:
         return config.parallel.cpu_devices
     if config.model.name not in ONE_DEVICE_PER_CORE or "study" in config:
         return 1
-    batch, accum = config.train.batch_size, max(config.train.grad_accum_steps, 1)
-    return next(n for n in range(max(cores, 1), 0, -1) if batch % n == 0 and (batch // n) % accum == 0)
+    return next(n for n in range(max(cores, 1), 0, -1) if config_lib.splits_batch(config.train, n))
 
 
 def configure_cpu_devices(config) -> int | None:
@@ -247,7 +247,7 @@ def configure_cpu_devices(config) -> int | None:
     if forced or xla_bridge.backends_are_initialized() or (is_multiprocess() and not config.parallel.cpu_devices):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    count = cpu_device_count(config, cores)
+    count = cpu_device_count(config, cores)   # an explicit count that cannot split the batch: config.validate
     jax.config.update("jax_num_cpu_devices", count)
     return count
 

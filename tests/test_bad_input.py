@@ -110,6 +110,8 @@ CASES = [
     ("unknown_objective", ["--config.objective.name=contrastive"], "contrastive"),
     ("unknown_strategy", ["--config.parallel.strategy=ddp"], "ddp"),
     ("negative_cpu_devices", ["--config.parallel.cpu_devices=-1"], "cpu_devices=-1"),
+    ("cpu_devices_not_splitting_batch", ["--config.parallel.cpu_devices=3", "--config.train.batch_size=8"],
+     "cpu_devices=3"),
     ("stateful_transformer", ["--config.train.stateful=True"], "stateful"),
     ("log_every_too_large", ["--config.train.log_every=64"], "log_every=64"),
     ("grad_accum_not_dividing_batch", ["--config.train.grad_accum_steps=3"], "grad_accum_steps=3"),

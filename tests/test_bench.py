@@ -115,6 +115,12 @@ def test_bench_mode_writes_every_field_and_the_table(tmp_path):
         for key in ("first_step_s", "trace_s", "lower_s", "xla_compile_s", "compile_s"):
             assert m[which][key] >= 0, (which, key)
     assert m["config"]["vocab_size"] == 262 and m["config"]["seq_len"] == 16
+    # parallel.cpu_devices auto: a GPT of batch 2 gets one device per core, up to 2 ...
+    assert m["config"]["devices"] == min(2, len(os.sched_getaffinity(0)))
+    # ... and XLA's count is still the whole step's, not one device's share: at least the jaxpr's matmul FLOPs
+    # (XLA also counts the elementwise work), which equal the formula + 6*L*T*d (see the in-process test above)
+    assert m["flops_per_token_jaxpr"] == pytest.approx(m["flops_per_token"] + 6 * 1 * 16 * 32, rel=1e-9)
+    assert m["flops_per_token_xla"] >= m["flops_per_token_jaxpr"]
     assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token"] / report["peak_flops"]["float32"])
     assert abs(m["first_loss"] - np.log(262)) < 0.5   # random tokens: the untrained model is near uniform
 

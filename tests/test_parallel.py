@@ -35,6 +35,7 @@ import parallel_worker as worker
 from child_env import child_env
 from jaxlm import config as config_lib
 from jaxlm import parallel
+from jaxlm.errors import UserError
 from jaxlm.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +216,17 @@ def test_cpu_devices_is_left_alone_once_chosen():
     assert out.stdout.split() == ["None", "3"], out.stderr[-2000:]
 
 
+def test_cpu_devices_explicit_count_splits_a_fresh_process():
+    code = ("from jaxlm import config, parallel; import jax; c = config.default_config(); "
+            "c.parallel.cpu_devices = 4; print(parallel.configure_cpu_devices(c), jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert out.stdout.split() == ["4", "4"], out.stderr[-2000:]
+    c = _cpu_config("gpt", batch=8, cpu_devices=3)
+    with pytest.raises(UserError, match="parallel.cpu_devices=3"):
+        config_lib.validate(c)
+
+
 # ---- through launch.py: device counts, checkpoints across them, processes ------------------------------------
 
 STEPS = 6
@@ -391,7 +403,6 @@ def test_interrupt_stops_every_process_at_the_same_step(corpus, tmp_path):
 
 
 def test_initialize_distributed_rejects_partial_flags():
-    from jaxlm.errors import UserError
     with pytest.raises(UserError, match="need all of"):
         parallel.initialize_distributed("127.0.0.1:1234", None, None)
     with pytest.raises(UserError, match="process_id"):
