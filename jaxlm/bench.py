@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import data, models, parallel, perf
+from jaxlm import data, models, parallel, perf, step_cache
 from jaxlm.data import tokenizers
 from jaxlm.errors import UserError
 from jaxlm.train import optim, state as state_lib, step as step_lib
@@ -201,12 +201,13 @@ def build_step(config, tokenizer):
     """(DataParallel, placed TrainState, StepSpec, num_params): what loop.setup builds, minus data/checkpoints."""
     model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps, flat=config.parallel.fsdp == 1)
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     axis = parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, tokenizer, axis_name=axis)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec))
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec),
+                               step_cache_key=step_cache.run_key(config, spec))   # as loop.setup
     return dp, dp.place_state(host_state), spec, models.count_params(params)
 
 

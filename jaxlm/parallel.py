@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxlm import config as config_lib
+from jaxlm import config as config_lib, step_cache
 from jaxlm.errors import UserError
 
 PMAP_AXIS = "batch"
@@ -73,8 +73,10 @@ class DataParallel:
       devices: the devices to use (default: all devices of all processes); tests pass a subset.
     """
 
-    def __init__(self, strategy: str, train_step, eval_step, *, fsdp: int = 1, devices=None):
+    def __init__(self, strategy: str, train_step, eval_step, *, fsdp: int = 1, devices=None,
+                 step_cache_key: str | None = None):
         self.strategy = strategy
+        self.step_cache_key = step_cache_key   # set: load/store the traced jit train step (step_cache.py)
         self.fsdp = int(fsdp)
         self.devices = list(jax.devices() if devices is None else devices)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
@@ -155,8 +157,14 @@ class DataParallel:
     def train_step(self, state, batch):
         """(state, metrics); metrics are replicated scalars (on this process's first device under pmap)."""
         if self._train is None:
-            self._train = jax.jit(self._train_step, out_shardings=(self.state_shardings(state), self.replicated),
-                                  donate_argnums=(0,))
+            directory = step_cache.cache_dir()
+            if self.step_cache_key is not None and directory and jax.process_count() == 1:
+                self._train = step_cache.cached_train_step(
+                    self._train_step, state, batch, key=self.step_cache_key, directory=directory,
+                    state_shardings=self.state_shardings(state), replicated=self.replicated)
+            else:
+                self._train = jax.jit(self._train_step, out_shardings=(self.state_shardings(state), self.replicated),
+                                      donate_argnums=(0,))
         state, metrics = self._train(state, batch)
         return state, (_first_replica(metrics) if self.strategy == "pmap" else metrics)
 

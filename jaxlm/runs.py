@@ -44,7 +44,7 @@ def load(workdir: str) -> TrainedRun:
         tokenizer = tokenizers.load_tokenizer(config.data, workdir)
     model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps, flat=False)   # the per-leaf form checkpoints hold
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     target = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)

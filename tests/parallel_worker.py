@@ -55,27 +55,28 @@ def batches(config, steps=STEPS):
 
 
 def build(config, *, devices=None, fsdp=1):
-    """(DataParallel, host TrainState) for `config` on `devices`."""
+    """(DataParallel, host TrainState, optim.Optimizer) for `config` on `devices`."""
     model = models.build_model(config.model, VOCAB, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps, flat=fsdp == 1)   # as loop.setup does
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed))
     axis = parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, tokenizer(), axis_name=axis)
     dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=fsdp, devices=devices)
-    return dp, host_state
+    return dp, host_state, tx
 
 
 def train(config, data, *, devices=None, fsdp=1):
-    """Per-step losses and the final host state after training on `data`."""
-    dp, host_state = build(config, devices=devices, fsdp=fsdp)
+    """Per-step losses and the final host state after training on `data` (optimizer state in the per-leaf
+    form checkpoints hold, so runs with different layouts compare leaf by leaf)."""
+    dp, host_state, tx = build(config, devices=devices, fsdp=fsdp)
     state = dp.place_state(host_state)
     losses = []
     for batch in data:
         state, metrics = dp.train_step(state, dp.place_batch(batch))
         m = jax.device_get(metrics)
         losses.append((m["train/loss"], m["train/grad_norm"]))
-    return np.array(losses), dp.to_host(state), dp, state
+    return np.array(losses), tx.to_checkpoint(dp.to_host(state)), dp, state
 
 
 def flat(tree) -> dict:
@@ -121,7 +122,7 @@ def strategies(out: str):
                                     ("lstm_pmap8", {"parallel.strategy": "pmap"}, {})):
         lconfig = tiny_config(**{"model.name": "lstm", "model.hidden_size": 16, "model.d_model": 8,
                                  "train.stateful": True, **overrides})
-        dp, host_state = build(lconfig, **kwargs)
+        dp, host_state, _ = build(lconfig, **kwargs)
         host_state = host_state.replace(carry=jax.tree.map(
             np.asarray, models.build_model(lconfig.model, VOCAB, 0).initial_carry(lconfig.train.batch_size)))
         state = dp.place_state(host_state)

@@ -93,7 +93,7 @@ def test_remat_gives_the_same_gradients():
     grads, jaxprs = {}, {}
     for remat in (False, True):
         config = worker.tiny_config(**{"model.remat": remat, "model.dropout": 0.1})
-        dp, host = worker.build(config)
+        dp, host, _ = worker.build(config)
         spec = dp._train_step.keywords["spec"]
         key = jax.random.key(3)
 

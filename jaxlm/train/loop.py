@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm import checkpoint, data, generate, metric_writer, models, parallel, perf
+from jaxlm import checkpoint, data, generate, metric_writer, models, parallel, perf, step_cache
 from jaxlm import config as config_lib
 from jaxlm.errors import DivergedError, Interrupted, UserError
 from jaxlm.train import optim, state as state_lib, step as step_lib
@@ -57,17 +57,19 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     dataset = data.build_dataset(config, workdir)
     model = models.build_model(config.model, dataset.tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps, flat=config.parallel.fsdp == 1)
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
                                          axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp)
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
+                               step_cache_key=step_cache.run_key(config, spec))
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(host_state)
+    restored = checkpointer.restore_latest(tx.to_checkpoint(host_state))
     start_step, stopped_at = 0, None
     if restored is not None:
         start_step, host_state, meta = restored
+        host_state = tx.from_checkpoint(host_state)
         reached = meta.get("stopped_at_accuracy") or 0.0   # the threshold it stopped at, if it did
         if 0 < config.train.stop_at_accuracy <= reached:
             stopped_at = start_step   # it stopped there once solved (0 or a stricter threshold trains on)
@@ -241,7 +243,7 @@ def _write_train_metrics(run, step, pending, since_time, since_step, tokens_per_
 def _save(run: Run, step: int) -> None:
     stopped = run.config.train.stop_at_accuracy if run.stopped_at == step else 0.0
     meta = {"config": run.config.to_dict(), "step": step, "stopped_at_accuracy": stopped}
-    run.checkpointer.save(step, run.dp.to_host(run.state), meta)
+    run.checkpointer.save(step, run.spec.optimizer.to_checkpoint(run.dp.to_host(run.state)), meta)
 
 
 def evaluate(run: Run, step: int, *, write: bool = True) -> dict:

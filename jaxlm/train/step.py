@@ -25,7 +25,7 @@ class StepSpec:
     """The static part of a step, bound once with functools.partial (hashable, so jit never retraces)."""
 
     graphdef: Any
-    tx: Any
+    optimizer: Any                 # optim.Optimizer
     objective: str
     mask_prob: float
     vocab_size: int
@@ -37,8 +37,8 @@ class StepSpec:
     axis_name: str | None = None   # set for pmap: sums are psum'd over this axis
 
     @classmethod
-    def from_config(cls, config, graphdef, tx, tokenizer, axis_name=None) -> "StepSpec":
-        return cls(graphdef=graphdef, tx=tx, objective=config_lib.objective_name(config),
+    def from_config(cls, config, graphdef, optimizer, tokenizer, axis_name=None) -> "StepSpec":
+        return cls(graphdef=graphdef, optimizer=optimizer, objective=config_lib.objective_name(config),
                    mask_prob=config.objective.mask_prob, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
                    special_ids=tuple(tokenizer.special_ids), stateful=config.train.stateful,
                    grad_accum_steps=config.train.grad_accum_steps, skip_nonfinite=config.train.skip_nonfinite,
@@ -129,23 +129,26 @@ def train_step(state, batch, *, spec: StepSpec):
     grads, sums, new_carry = _grad_sums(spec, state.params, batch, carry, key)
     grads, sums = _psum((grads, sums), spec.axis_name)
     count = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    opt = spec.optimizer
+    params = opt.layout(state.params)   # two flat vectors unless fsdp: a few kernels for the whole update
+    grads = jax.tree.map(lambda g: g / count, opt.layout(grads))
+    updates, opt_state = opt.tx.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     loss = sums["loss"] / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if spec.skip_nonfinite:      # keep the old parameters and optimizer state; count the skip
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+        new_params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (new_params, opt_state), (params, state.opt_state))
     if spec.stateful:            # truncated BPTT: carry the state forward, not its gradient
         new_carry = jax.lax.stop_gradient(new_carry)
     else:
         new_carry = state.carry
     metrics = summarize(sums)
-    metrics.update({"train/grad_norm": grad_norm, "train/param_norm": optax.tree.norm(params),
+    metrics.update({"train/grad_norm": grad_norm, "train/param_norm": optax.tree.norm(new_params),
                     "train/nonfinite": 1.0 - finite.astype(jnp.float32)})
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, carry=new_carry)
+    new_state = state.replace(step=state.step + 1, params=opt.unlayout(new_params, state.params),
+                              opt_state=opt_state, carry=new_carry)
     return new_state, metrics
 
 

@@ -1,0 +1,93 @@
+"""The jax.export cache of the train step: loaded entries skip tracing and give the plain jit step's results."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import step_cache
+from tests import parallel_worker as worker
+
+
+def _setup(**overrides):
+    config = worker.tiny_config(**overrides)
+    dp, host_state, _ = worker.build(config, devices=jax.devices()[:1])
+    batches = [dp.place_batch(b) for b in worker.batches(config, steps=3)]
+    return config, dp, host_state, batches
+
+
+def _run(step, dp, host_state, batches):
+    state, losses = dp.place_state(host_state), []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    return losses, jax.tree.map(np.asarray, jax.tree.leaves(state))
+
+
+def _cached(dp, state, batch, directory, key, traces):
+    def counting_step(s, b):
+        traces.append(1)
+        return dp._train_step(s, b)
+    return step_cache.cached_train_step(counting_step, state, batch, key=key, directory=directory,
+                                        state_shardings=dp.state_shardings(state), replicated=dp.replicated)
+
+
+def _plain(dp, state):
+    return jax.jit(dp._train_step, out_shardings=(dp.state_shardings(state), dp.replicated))
+
+
+def test_a_stored_step_is_loaded_without_tracing_and_matches_plain_jit(tmp_path):
+    _, dp, host_state, batches = _setup()
+    state0 = dp.place_state(host_state)
+    ref_losses, ref_state = _run(_plain(dp, state0), dp, host_state, batches)
+    traces = []
+    first = _cached(dp, state0, batches[0], str(tmp_path), "k", traces)
+    assert traces == [1] and len(os.listdir(tmp_path)) == 1     # traced once, stored
+    losses, state = _run(first, dp, host_state, batches)
+    again = _cached(dp, dp.place_state(host_state), batches[0], str(tmp_path), "k", traces)
+    assert traces == [1]                                        # loaded: the Python step was not traced
+    losses2, state2 = _run(again, dp, host_state, batches)
+    assert ref_losses[-1] < ref_losses[0]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    np.testing.assert_allclose(losses2, ref_losses, rtol=1e-6)
+    for a, b, c in zip(ref_state, state, state2):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(c, b)                     # stored and loaded: one program
+
+
+def test_key_shapes_and_config_select_the_entry(tmp_path):
+    _, dp, host_state, batches = _setup()
+    state = dp.place_state(host_state)
+    k = step_cache.entry_key("k", state, batches[0])
+    assert k == step_cache.entry_key("k", dp.place_state(host_state), batches[0])   # deterministic
+    assert k != step_cache.entry_key("other config", state, batches[0])
+    shorter = {"tokens": batches[0]["tokens"][:, :-1]}
+    assert k != step_cache.entry_key("k", state, shorter)
+    c1, c2 = worker.tiny_config(), worker.tiny_config(**{"optim.learning_rate": 1e-4})
+    spec = dp._train_step.keywords["spec"]
+    assert step_cache.run_key(c1, spec) != step_cache.run_key(c2, spec)
+
+
+def test_an_unreadable_entry_is_traced_again_and_rewritten(tmp_path, caplog):
+    _, dp, host_state, batches = _setup()
+    state = dp.place_state(host_state)
+    traces = []
+    _cached(dp, state, batches[0], str(tmp_path), "k", traces)
+    (entry,) = os.listdir(tmp_path)
+    with open(tmp_path / entry, "wb") as f:
+        f.write(b"not an exported program")
+    with caplog.at_level(logging.WARNING):
+        step = _cached(dp, state, batches[0], str(tmp_path), "k", traces)
+    assert traces == [1, 1] and "unreadable step cache entry" in caplog.text
+    ref_losses, _ = _run(_plain(dp, state), dp, host_state, batches)
+    np.testing.assert_allclose(_run(step, dp, host_state, batches)[0], ref_losses, rtol=1e-6)
+    _cached(dp, state, batches[0], str(tmp_path), "k", traces)
+    assert traces == [1, 1]                                     # the rewritten entry loads
+
+
+def test_off_without_the_persistent_cache():
+    if jax.config.jax_compilation_cache_dir:
+        pytest.skip("this process has a compilation cache configured")
+    assert step_cache.cache_dir() is None
