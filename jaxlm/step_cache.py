@@ -6,12 +6,14 @@ start.  This cache keeps the step as a serialized `jax.export.Exported` in ``<co
 under a key made of everything the traced program depends on: jaxlm's source files, the versions of jax,
 jaxlib, flax and optax, the jax flags that change tracing, the caller's key (the config and vocabulary), and
 the tree structure, shapes, dtypes and shardings of the arguments.  A miss traces once (as without the cache)
-and writes the entry; an unreadable entry is ignored and rewritten.  Used only while JAX's persistent cache is
+and writes the entry; an unreadable entry is ignored and rewritten.  The newest `MAX_ENTRIES` entries (by last
+use) are kept: an edit of jaxlm's source or a new config makes a new entry, and old ones go.  Used only while JAX's persistent cache is
 on, for ``parallel.strategy=jit`` in a single process (see `parallel.DataParallel.train_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -23,6 +25,7 @@ from typing import Callable
 import jax
 
 SUBDIR = "jaxlm-steps"
+MAX_ENTRIES = 64   # ~0.1-1 MB each
 # jax flags that change what tracing produces (the compile options are the persistent cache's own business)
 _TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
                 "jax_threefry_partitionable", "jax_numpy_rank_promotion", "jax_use_shardy_partitioner")
@@ -124,7 +127,9 @@ def _load(path: str):
     """The Exported stored at `path`, or None (missing, or unreadable: then it is rewritten)."""
     try:
         with open(path, "rb") as f:
-            return jax.export.deserialize(bytearray(f.read()))
+            exported = jax.export.deserialize(bytearray(f.read()))
+        os.utime(path)   # last use: what pruning keeps
+        return exported
     except FileNotFoundError:
         return None
     except Exception as e:   # a damaged or foreign file: never fatal, the step is traced again
@@ -140,5 +145,18 @@ def _store(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+        _prune(os.path.dirname(path))
     except OSError as e:   # a read-only or full disk costs the next launch a trace, nothing more
         logging.warning("could not write step cache entry %s: %s", path, e)
+
+
+def _prune(directory: str) -> None:
+    """Delete all but the MAX_ENTRIES most recently used entries (another process may be pruning too)."""
+    entries = []
+    for name in os.listdir(directory):
+        if name.endswith(".jaxexport"):
+            with contextlib.suppress(FileNotFoundError):
+                entries.append((os.path.getmtime(os.path.join(directory, name)), name))
+    for _, name in sorted(entries, reverse=True)[MAX_ENTRIES:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))

@@ -91,3 +91,19 @@ def test_off_without_the_persistent_cache():
     if jax.config.jax_compilation_cache_dir:
         pytest.skip("this process has a compilation cache configured")
     assert step_cache.cache_dir() is None
+
+
+def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
+    _, dp, host_state, batches = _setup()
+    state = dp.place_state(host_state)
+    monkeypatch.setattr(step_cache, "MAX_ENTRIES", 2)
+    traces = []
+    for i, key in enumerate(("a", "b")):
+        _cached(dp, state, batches[0], str(tmp_path), key, traces)
+        path = tmp_path / f"train_step-{step_cache.entry_key(key, state, batches[0])}.jaxexport"
+        os.utime(path, (1000 + i, 1000 + i))      # a used before b
+    _cached(dp, state, batches[0], str(tmp_path), "a", traces)   # a loaded: now the most recent
+    assert traces == [1, 1]
+    _cached(dp, state, batches[0], str(tmp_path), "c", traces)   # a third entry: b, the least recent, goes
+    kept = sorted(os.listdir(tmp_path))
+    assert kept == sorted(f"train_step-{step_cache.entry_key(k, state, batches[0])}.jaxexport" for k in "ac")
