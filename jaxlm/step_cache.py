@@ -23,6 +23,7 @@ import tempfile
 from typing import Callable
 
 import jax
+from jax._src.export import _export as _jax_export_internals
 
 SUBDIR = "jaxlm-steps"
 MAX_ENTRIES = 64   # ~0.1-1 MB each
@@ -118,9 +119,29 @@ def cached_train_step(step: Callable, state, batch, *, key: str, directory: str,
                      donate_argnums=(0,) if donate else ())
 
     def cached_step(state, batch):
-        leaves, metrics = jitted(jax.tree.leaves(state), jax.tree.leaves(batch))
+        with _lapack_only_if_called(exported):   # the first call lowers the stored program
+            leaves, metrics = jitted(jax.tree.leaves(state), jax.tree.leaves(batch))
         return jax.tree.unflatten(state_def, leaves), metrics
     return cached_step
+
+
+@contextlib.contextmanager
+def _lapack_only_if_called(exported):
+    """Lowering a call of an Exported loads jaxlib's LAPACK bindings (importing scipy.linalg: 0.2 s here, most
+    of a warm start) in case the program calls LAPACK; skip that when it has no LAPACK custom call (their
+    targets are named lapack_*; the word in a source location of the module only means no skipping).
+
+    Patches a private hook of the pinned jax; if jax moves it, this does nothing and the bindings load as usual.
+    """
+    hook = getattr(_jax_export_internals, "_ensure_backends_initialized", None)
+    if hook is None or b"lapack" in bytes(exported.mlir_module_serialized):
+        yield
+        return
+    _jax_export_internals._ensure_backends_initialized = lambda platforms: None
+    try:
+        yield
+    finally:
+        _jax_export_internals._ensure_backends_initialized = hook
 
 
 def _load(path: str):

@@ -107,3 +107,24 @@ def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
     _cached(dp, state, batches[0], str(tmp_path), "c", traces)   # a third entry: b, the least recent, goes
     kept = sorted(os.listdir(tmp_path))
     assert kept == sorted(f"train_step-{step_cache.entry_key(k, state, batches[0])}.jaxexport" for k in "ac")
+
+
+def test_linear_algebra_bindings_load_only_for_programs_that_call_them():
+    """Lowering a stored step skips loading LAPACK (0.2 s) only if the program calls none; a cholesky does.
+    (The name avoids that word: source locations are in the module, and a match only means no skipping.)"""
+    import jax.numpy as jnp
+    from jax._src.export import _export
+
+    x = jax.ShapeDtypeStruct((3, 3), jnp.float32)
+    with_lapack = jax.export.export(jax.jit(lambda a: jnp.linalg.cholesky(a @ a.T + 3 * jnp.eye(3))))(x)
+    without = jax.export.export(jax.jit(lambda a: a @ a))(x)
+    hook = _export._ensure_backends_initialized
+    with step_cache._lapack_only_if_called(with_lapack):
+        assert _export._ensure_backends_initialized is hook
+    with step_cache._lapack_only_if_called(without):
+        assert _export._ensure_backends_initialized is not hook
+    assert _export._ensure_backends_initialized is hook
+    a = np.array([[4.0, 2.0, 0.0], [2.0, 5.0, 1.0], [0.0, 1.0, 3.0]], np.float32)
+    with step_cache._lapack_only_if_called(with_lapack):   # and the LAPACK program still runs
+        got = jax.jit(with_lapack.call)(a)
+    np.testing.assert_allclose(got, np.linalg.cholesky(a.astype(np.float64) @ a.T + 3 * np.eye(3)), rtol=1e-5)
