@@ -3,7 +3,8 @@
 JAX's persistent compilation cache (launch.py) already spares a relaunch XLA's compile, but not tracing the
 model and optimizer in Python and lowering them to StableHLO: on GPT small that was 0.4-0.7 s of a ~1 s warm
 start.  This cache keeps the step as a serialized `jax.export.Exported` in ``<compilation cache>/jaxlm-steps/``,
-under a key made of everything the traced program depends on: jaxlm's source files, the versions of jax,
+under a key made of everything the traced program depends on: jaxlm's source files and those of any other
+imported module that is not an installed package (an experiment file, a user's model), the versions of jax,
 jaxlib, flax and optax, the jax flags that change tracing, the caller's key (the config and vocabulary), and
 the tree structure, shapes, dtypes and shardings of the arguments.  A miss traces once (as without the cache)
 and writes the entry; an unreadable entry is ignored and rewritten.  The newest `MAX_ENTRIES` entries (by last
@@ -19,6 +20,8 @@ import importlib.metadata
 import json
 import logging
 import os
+import sys
+import sysconfig
 import tempfile
 from typing import Callable
 
@@ -41,20 +44,41 @@ def cache_dir() -> str | None:
 
 
 def source_digest() -> str:
-    """sha256 of every .py file of the jaxlm package (computed once per process)."""
+    """sha256 of every .py file of the jaxlm package (once per process), and of the other imported modules
+    that live outside the Python installation (experiment files and user code: they may change the step)."""
     global _source_digest
+    root = os.path.dirname(os.path.abspath(__file__))
     if _source_digest is None:
-        root = os.path.dirname(os.path.abspath(__file__))
         h = hashlib.sha256()
         for folder, dirs, files in sorted(os.walk(root)):
             dirs.sort()
             for name in sorted(f for f in files if f.endswith(".py")):
-                path = os.path.join(folder, name)
-                h.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as f:
-                    h.update(f.read())
+                _hash_file(h, os.path.join(folder, name), root)
         _source_digest = h.hexdigest()
-    return _source_digest
+    h = hashlib.sha256(_source_digest.encode())
+    paths = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} - {None}
+    installed = tuple({p + os.sep for p in paths} | {os.path.realpath(p) + os.sep for p in paths})
+    for path in sorted(_user_module_files(root + os.sep, installed)):
+        _hash_file(h, path, "/")
+    return h.hexdigest()
+
+
+def _user_module_files(jaxlm_root: str, installed: tuple[str, ...]) -> set[str]:
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path or not path.endswith(".py") or path.startswith(installed):
+            continue
+        path = os.path.realpath(path)
+        if not path.startswith(jaxlm_root) and not path.startswith(installed) and os.path.isfile(path):
+            files.add(path)
+    return files
+
+
+def _hash_file(h, path: str, root: str) -> None:
+    h.update(os.path.relpath(path, root).encode())
+    with open(path, "rb") as f:
+        h.update(f.read())
 
 
 def _versions() -> dict:

@@ -128,3 +128,23 @@ def test_linear_algebra_bindings_load_only_for_programs_that_call_them():
     with step_cache._lapack_only_if_called(with_lapack):   # and the LAPACK program still runs
         got = jax.jit(with_lapack.call)(a)
     np.testing.assert_allclose(got, np.linalg.cholesky(a.astype(np.float64) @ a.T + 3 * np.eye(3)), rtol=1e-5)
+
+
+def test_user_code_outside_installed_packages_is_part_of_the_key(tmp_path, monkeypatch):
+    """An experiment file or user module (imported, not an installed package) can change the step: editing it
+    must change the key, so a stale stored step is never loaded."""
+    import importlib
+    import sys
+
+    before = step_cache.source_digest()
+    (tmp_path / "my_experiment_module.py").write_text("WIDTH = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("my_experiment_module")
+        imported = step_cache.source_digest()
+        (tmp_path / "my_experiment_module.py").write_text("WIDTH = 2\n")
+        edited = step_cache.source_digest()
+    finally:
+        sys.modules.pop("my_experiment_module", None)
+    assert len({before, imported, edited}) == 3
+    assert step_cache.source_digest() == before
