@@ -7,9 +7,9 @@ under a key made of everything the traced program depends on: jaxlm's source fil
 imported module that is not an installed package (an experiment file, a user's model), the versions of jax,
 jaxlib, flax and optax, the jax flags that change tracing, the caller's key (the config and vocabulary), and
 the tree structure, shapes, dtypes and shardings of the arguments.  A miss traces once (as without the cache)
-and writes the entry; an unreadable entry is ignored and rewritten.  The newest `MAX_ENTRIES` entries (by last
-use) are kept: an edit of jaxlm's source or a new config makes a new entry, and old ones go.  Used only while JAX's persistent cache is
-on, for ``parallel.strategy=jit`` in a single process (see `parallel.DataParallel.train_step`).
+and writes the entry; an unreadable entry is ignored and rewritten.  The `MAX_ENTRIES` most recently used
+entries are kept: an edit of the source or a new config makes a new entry, and old ones go.  Used only while
+JAX's persistent cache is on, for ``parallel.strategy=jit`` in a single process (`parallel.DataParallel`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ import tempfile
 from typing import Callable
 
 import jax
-from jax._src.export import _export as _jax_export_internals
+
+try:   # private: only for skipping an unneeded LAPACK load (_lapack_only_if_called); optional
+    from jax._src.export import _export as _jax_export_internals
+except ImportError:   # pragma: no cover (a jax that moved it)
+    _jax_export_internals = None
 
 SUBDIR = "jaxlm-steps"
 MAX_ENTRIES = 64   # ~0.1-1 MB each
@@ -118,12 +122,13 @@ def entry_key(key: str, state, batch) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def cached_train_step(step: Callable, state, batch, *, key: str, directory: str, state_shardings, replicated,
-                      donate: bool = True) -> Callable:
+def cached_train_step(step: Callable, state, batch, *, key: str, directory: str, state_shardings,
+                      replicated) -> Callable:
     """jit(step) with its traced program loaded from `directory` when an entry for these arguments exists.
 
     step: (state, batch) -> (new state with the structure of `state`, dict of replicated metrics).
-    Returns a function of (state, batch) with the same results as ``jax.jit(step, out_shardings=...)``.
+    Returns a function of (state, batch) with the same results as ``jax.jit(step, out_shardings=...,
+    donate_argnums=0)``: the state's buffers are donated.
     """
     state_def, batch_def = jax.tree.structure(state), jax.tree.structure(batch)
     leaf_shardings = jax.tree.leaves(state_shardings)
@@ -139,8 +144,7 @@ def cached_train_step(step: Callable, state, batch, *, key: str, directory: str,
         exported = jax.export.export(jax.jit(flat_step, out_shardings=(leaf_shardings, replicated)))(
             jax.tree.leaves(state), jax.tree.leaves(batch))
         _store(path, exported.serialize())
-    jitted = jax.jit(exported.call, out_shardings=(leaf_shardings, replicated),
-                     donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(exported.call, out_shardings=(leaf_shardings, replicated), donate_argnums=(0,))
 
     def cached_step(state, batch):
         with _lapack_only_if_called(exported):   # the first call lowers the stored program
@@ -157,7 +161,7 @@ def _lapack_only_if_called(exported):
 
     Patches a private hook of the pinned jax; if jax moves it, this does nothing and the bindings load as usual.
     """
-    hook = getattr(_jax_export_internals, "_ensure_backends_initialized", None)
+    hook = getattr(_jax_export_internals, "_ensure_backends_initialized", None)   # None if jax moved it
     if hook is None or b"lapack" in bytes(exported.mlir_module_serialized):
         yield
         return

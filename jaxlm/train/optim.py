@@ -2,9 +2,10 @@
 
 The update runs on the parameters laid out as two flat vectors (:class:`ParamGroups`: the matrices AdamW decays,
 and the rest) rather than leaf by leaf: XLA then emits a handful of kernels for the whole update instead of
-several per parameter array (GPT tiny: ~200 of the step's ~450), which cuts compile time, cache-load time and
-tracing.  Under fsdp each parameter keeps its own shards, so the update stays per leaf there.  Checkpoints
-always hold the per-leaf form (:meth:`Optimizer.to_checkpoint`), whatever the layout at run time.
+several per parameter array (GPT tiny's step: 410 fusions before, 243 after), which cuts compile time,
+cache-load time and tracing.  Under fsdp each parameter keeps its own shards, so the update stays per leaf
+there.  Checkpoints always hold the per-leaf form (:meth:`Optimizer.to_checkpoint`), whatever the layout at run
+time.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class ParamGroups(NamedTuple):
 def to_groups(tree) -> ParamGroups:
     """Ravel and concatenate the leaves of `tree` into its two groups (NumPy in, NumPy out; traced otherwise)."""
     leaves = jax.tree.leaves(tree)
+    if len({x.dtype for x in leaves}) > 1:   # concatenating would silently promote
+        dtypes = sorted({str(x.dtype) for x in leaves})
+        raise ValueError(f"the flat optimizer layout needs one parameter dtype, got {dtypes}")
     xp = np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
     dtype = leaves[0].dtype if leaves else np.float32
 
