@@ -201,7 +201,7 @@ def build_step(config, tokenizer):
     """(DataParallel, placed TrainState, StepSpec, num_params): what loop.setup builds, minus data/checkpoints."""
     model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps, flat=config.parallel.fsdp == 1)
+    tx = optim.from_config(config)   # as loop.setup
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     axis = parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None

@@ -57,7 +57,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     dataset = data.build_dataset(config, workdir)
     model = models.build_model(config.model, dataset.tokenizer.vocab_size, config.seed)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.make_optimizer(config.optim, config.train.steps, flat=config.parallel.fsdp == 1)
+    tx = optim.from_config(config)
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,

@@ -124,3 +124,8 @@ def make_optimizer(cfg, total_steps: int, *, flat: bool = True) -> Optimizer:
     chain.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2,
                              weight_decay=cfg.weight_decay, mask=ParamGroups(True, False) if flat else decay_mask))
     return Optimizer(optax.chain(*chain), flat)
+
+
+def from_config(config) -> Optimizer:
+    """What a run trains with: `config.optim` over `train.steps`, flat unless fsdp shards each parameter."""
+    return make_optimizer(config.optim, config.train.steps, flat=config.parallel.fsdp == 1)
