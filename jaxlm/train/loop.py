@@ -8,6 +8,7 @@ finite, so a diverged run keeps its last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -157,8 +158,15 @@ def train(config, workdir: str, *, restart: bool = False) -> dict:
             final = evaluate(run, last)
             _save(run, last)
             return {**final, "train/steps_trained": last}
+        except KeyboardInterrupt:
+            # A second Ctrl-C stops at once. If it cut an async save short as Orbax started its writer thread,
+            # closing fails ("cannot join thread before it is started"); the last complete checkpoint is what
+            # counts, so the interrupt (exit 130) must not turn into that traceback.
+            with contextlib.suppress(Exception):
+                run.checkpointer.close()
+            raise
         finally:
-            run.checkpointer.close()
+            run.checkpointer.close()   # idempotent: a no-op once closed above
             run.writer.close()
 
 
