@@ -42,9 +42,14 @@ _source_digest: str | None = None
 
 
 def cache_dir() -> str | None:
-    """Where entries live: beside JAX's persistent compilation cache, and only while that is on."""
-    root = jax.config.jax_compilation_cache_dir
-    return os.path.join(root, SUBDIR) if root else None
+    """Where entries live: beside JAX's persistent compilation cache, while that is on and on a local disk
+    (JAX also takes URLs such as gs://..., which plain file I/O here must not turn into a local directory)."""
+    return steps_dir(jax.config.jax_compilation_cache_dir)
+
+
+def steps_dir(compilation_cache_dir: str | None) -> str | None:
+    root = compilation_cache_dir
+    return os.path.join(root, SUBDIR) if root and "://" not in root else None
 
 
 def source_digest() -> str:

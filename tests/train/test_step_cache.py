@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from jaxlm import step_cache
 from tests import parallel_worker as worker
@@ -87,10 +86,10 @@ def test_an_unreadable_entry_is_traced_again_and_rewritten(tmp_path, caplog):
     assert traces == [1, 1]                                     # the rewritten entry loads
 
 
-def test_off_without_the_persistent_cache():
-    if jax.config.jax_compilation_cache_dir:
-        pytest.skip("this process has a compilation cache configured")
-    assert step_cache.cache_dir() is None
+def test_on_only_with_a_local_persistent_cache():
+    assert step_cache.steps_dir(None) is None and step_cache.steps_dir("") is None
+    assert step_cache.steps_dir("gs://bucket/xla") is None      # a URL: no local file I/O
+    assert step_cache.steps_dir("/tmp/xla") == "/tmp/xla/jaxlm-steps"
 
 
 def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
