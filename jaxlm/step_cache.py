@@ -151,9 +151,16 @@ def cached_train_step(step: Callable, state, batch, *, key: str, directory: str,
         _store(path, exported.serialize())
     jitted = jax.jit(exported.call, out_shardings=(leaf_shardings, replicated), donate_argnums=(0,))
 
+    lowered = []   # the first call lowers the stored program; later calls go straight to the executable
+
     def cached_step(state, batch):
-        with _lapack_only_if_called(exported):   # the first call lowers the stored program
-            leaves, metrics = jitted(jax.tree.leaves(state), jax.tree.leaves(batch))
+        args = jax.tree.leaves(state), jax.tree.leaves(batch)
+        if lowered:
+            leaves, metrics = jitted(*args)
+        else:
+            with _lapack_only_if_called(exported):
+                leaves, metrics = jitted(*args)
+            lowered.append(True)
         return jax.tree.unflatten(state_def, leaves), metrics
     return cached_step
 
