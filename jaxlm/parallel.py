@@ -225,19 +225,17 @@ def _first_replica(tree):
 
 # ---- CPU devices ---------------------------------------------------------------------------------------
 
-# Model families whose train step runs faster with one XLA:CPU device per core (data parallel over the cores)
-# than with one device spanning them: measured on 2 cores (benchmarks/README.md), GPT small 1.13-1.25x,
-# GPT small v8192 1.06x, GPT tiny 1.03x; LSTM tiny 0.90x and LSTM small 0.83x, so recurrent models keep one.
-ONE_DEVICE_PER_CORE = ("gpt", "bert")
-
-
 def cpu_device_count(config, cores: int) -> int:
-    """The XLA:CPU device count a run uses: parallel.cpu_devices, or for 0 (auto) one per core for transformers
-    (the largest count <= cores that splits the batch, gradient accumulation included) and 1 otherwise
-    (recurrent models, and studies, which train recurrent models in the same process)."""
+    """The XLA:CPU device count a run uses: parallel.cpu_devices, or for 0 (auto) one per core (the largest
+    count <= cores that splits the batch, gradient accumulation included), 1 for studies (they train several
+    models in one process, each with batch sizes of its own).
+
+    One device per core, data parallel over the cores, beats one device spanning them for every model
+    (2 cores, benchmarks/README.md): GPT small 1.13-1.25x, GPT tiny 1.03x, LSTM tiny 1.33x, LSTM small 1.125x.
+    """
     if config.parallel.cpu_devices:
         return config.parallel.cpu_devices
-    if config.model.name not in ONE_DEVICE_PER_CORE or "study" in config:
+    if "study" in config:
         return 1
     return next(n for n in range(max(cores, 1), 0, -1) if config_lib.splits_batch(config.train, n))
 

@@ -5,7 +5,8 @@
 Trains the same tiny GPT (AdamW) for 5 steps on the same batches under every placement: 1 device, jit over 8,
 fsdp=4 (mesh 2 x 4), pmap over 8, and jit over 8 with 2 accumulated micro-batches.  Saves per-step
 (loss, grad_norm), the final parameters and optimizer state, and for fsdp how many parameter / optimizer
-elements one device holds; and a stateful LSTM (carry split like the batch) on 1 device, jit 8 and pmap 8.
+elements one device holds; a stateful LSTM (carry split like the batch) on 1 device, jit 8 and pmap 8; and for
+each model family the number of all-gathers and all-reduces in its jit-8 train step.
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def strategies(out: str):
         state = dp.place_state(host)          # a checkpoint round trip of the carry, then one more step
         state, metrics = dp.train_step(state, dp.place_batch(data[3]))
         results[f"{name}/after_restore"] = np.array(float(jax.device_get(metrics["train/loss"])))
+    # data parallelism over 8 devices must not gather the batch anywhere in a train step: a gathered batch means
+    # every device computes the whole batch (the recurrent models' time-major reshapes once did that)
+    for model in ("gpt", "bert", "rnn", "lstm", "elmo"):
+        mconfig = tiny_config(**{"model.name": model, "model.hidden_size": 16, "model.num_layers": 2})
+        dp, host_state, _ = build(mconfig)
+        state, batch = dp.place_state(host_state), dp.place_batch(data[0])
+        dp.train_step(state, batch)   # jits dp._train with the state's shardings
+        hlo = dp._train.lower(dp.place_state(host_state), batch).compile().as_text()
+        results[f"gathers/{model}"] = np.array([hlo.count("all-gather("), hlo.count("all-reduce(")])
     # randomness (dropout): jit over 8 draws exactly the 1-device masks; pmap draws per device
     dconfig = tiny_config(**{"model.dropout": 0.1})
     for name, kwargs, strategy in (("drop_one", dict(devices=jax.devices()[:1]), "jit"), ("drop_jit8", {}, "jit"),

@@ -23,22 +23,22 @@ from jaxlm.models import layers, lstm
 
 
 def flip_sequences(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Flips each row's first `lengths[b]` steps along time (axis 0), leaving the padding in place.
+    """Flips each row's first `lengths[b]` steps along time (axis 1), leaving the padding in place.
 
-    Naive `x[::-1]` would put the padding first, and a recurrent layer would then read padding before
-    the real tokens.  Time-major, like the layers.  Example (one row, length 3, padding 0):
+    Naive `x[:, ::-1]` would put the padding first, and a recurrent layer would then read padding before
+    the real tokens.  Example (one row, length 3, padding 0):
       x = [1, 2, 3, 0, 0]  ->  [3, 2, 1, 0, 0]
     Flipping twice is the identity.
 
     Args:
-      x: [T, B, ...]; lengths: int [B] (<= T).
+      x: [B, T, ...]; lengths: int [B] (<= T).
     Returns:
-      [T, B, ...], the same shape.
+      [B, T, ...], the same shape.
     """
-    steps = jnp.arange(x.shape[0])[:, None]                       # [T, 1]
-    idx = jnp.where(steps < lengths[None, :], lengths[None, :] - 1 - steps, steps)  # [T, B]
+    steps = jnp.arange(x.shape[1])[None, :]                       # [1, T]
+    idx = jnp.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)  # [B, T]
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=0)
+    return jnp.take_along_axis(x, idx, axis=1)
 
 
 def run_stack(stack, x: jax.Array, *, dropout_rate: float = 0.0, keys=None) -> list:
@@ -47,9 +47,9 @@ def run_stack(stack, x: jax.Array, *, dropout_rate: float = 0.0, keys=None) -> l
     h_1 = lstm_1(x);  h_l = lstm_l(h_{l-1}) + h_{l-1} for l >= 2 (dropout, if any, on each layer's input).
     Args:
       stack: sequence of :class:`lstm.LSTMLayer` mapping d -> d.
-      x: [T, B, d] time-major.  keys: one dropout key (or None) per layer.
+      x: [B, T, d].  keys: one dropout key (or None) per layer.
     Returns:
-      list of the layers' outputs, each [T, B, d].
+      list of the layers' outputs, each [B, T, d].
     """
     keys = [None] * len(stack) if keys is None else keys
     outputs, h = [], x
@@ -94,20 +94,18 @@ class ELMo(nnx.Module):
         return self.embedding(tokens)
 
     def _directions(self, x, mask, dropout_key):
-        """x [B, T, d] -> (forward outputs, backward outputs): lists of time-major [T, B, d], one per layer."""
+        """x [B, T, d] -> (forward outputs, backward outputs): lists of [B, T, d], one per layer."""
         lengths = (jnp.full((x.shape[0],), x.shape[1], jnp.int32) if mask is None
                    else jnp.sum(mask, axis=1, dtype=jnp.int32))
         keys = layers.split_keys(dropout_key, 2 * self.num_layers)
-        x = jnp.swapaxes(x, 0, 1)
         fwd = run_stack(self.forward_layers, x, dropout_rate=self.dropout_rate, keys=keys[:self.num_layers])
         bwd = run_stack(self.backward_layers, flip_sequences(x, lengths), dropout_rate=self.dropout_rate,
                         keys=keys[self.num_layers:])
         return fwd, [flip_sequences(h, lengths) for h in bwd]
 
     def _logits(self, h, key):
-        """Top-layer output [T, B, d] -> logits [B, T, V] float32 through the shared, tied softmax."""
-        h = layers.dropout(h, self.dropout_rate, key)
-        logits = jnp.einsum("tbd,vd->btv", h, self.embedding.embedding[...].astype(self.dtype))
+        """Top-layer output [B, T, d] -> logits [B, T, V] float32 through the shared, tied softmax."""
+        logits = self.embedding.attend(layers.dropout(h, self.dropout_rate, key))
         return (logits + self.logit_bias[...].astype(self.dtype)).astype(jnp.float32)
 
     def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
@@ -133,7 +131,7 @@ class ELMo(nnx.Module):
         x = self.embed(tokens)
         fwd, bwd = self._directions(x, mask, None)
         reps = [jnp.concatenate([x, x], axis=-1)]
-        reps += [jnp.swapaxes(jnp.concatenate([f, b], axis=-1), 0, 1) for f, b in zip(fwd, bwd)]
+        reps += [jnp.concatenate([f, b], axis=-1) for f, b in zip(fwd, bwd)]
         return jnp.stack(reps)
 
     def hidden_states(self, tokens, *, mask=None):

@@ -1,9 +1,12 @@
 """Recurrent language models: Elman RNN and (projected) LSTM layers, stacked into `RNNLM` / `LSTMLM`.
 
-Layers work time-major (`[T, B, features]`, the layout `jax.lax.scan` iterates over); the LMs take and
-return batch-major arrays.  Each layer computes its input projection `x @ W_ih + b` for all time steps as
-one large matmul outside the recurrence, so the scan body only does the `[B, P] @ [P, 4H]` recurrent
-matmul (one matmul for all four LSTM gates) and the elementwise cell.
+Everything is batch-major (`[B, T, features]`), as the LMs' inputs and outputs: a batch split over devices
+then stays a contiguous split through every reshape, so data parallelism needs no gathers (time-major
+`[T, B, *]` arrays flattened to `[T * B, *]` for a matmul made XLA all-gather the batch and compute the
+projections redundantly on every device).  Each layer computes its input projection `x @ W_ih + b` for all
+time steps as one large matmul outside the recurrence, so the loop body only does the `[B, P] @ [P, 4H]`
+recurrent matmul (one matmul for all four LSTM gates) and the elementwise cell; it reads step t of the
+batch-major projection and writes step t of the batch-major output in place.
 
 The LSTM recurrence has two implementations with the same forward function:
   * :func:`lstm_scan_reference`: the straightforward scan, differentiated by JAX autodiff;
@@ -30,7 +33,7 @@ from flax import nnx
 from jaxlm.models import layers
 
 # ----------------------------------------------------------------------------------------------------
-# Cell equations (pure functions; time-major scans over them)
+# Cell equations (pure functions; scans over time)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -38,17 +41,17 @@ def rnn_scan(xw: jax.Array, w_hh: jax.Array, h0: jax.Array):
     """Elman recurrence h_t = tanh(xw_t + h_{t-1} @ W_hh) (Elman 1990).
 
     Args:
-      xw: [T, B, H] input projection x_t @ W_ih + b for all steps.
+      xw: [B, T, H] input projection x_t @ W_ih + b for all steps.
       w_hh: [H, H]; h0: [B, H].
     Returns:
-      (hs [T, B, H], h_T [B, H]).
+      (hs [B, T, H], h_T [B, H]).
     """
     def body(h, xw_t):
         h = jnp.tanh(xw_t + h @ w_hh)
         return h, h
 
-    h_last, hs = jax.lax.scan(body, h0, xw)
-    return hs, h_last
+    h_last, hs = jax.lax.scan(body, h0, jnp.swapaxes(xw, 0, 1))
+    return jnp.swapaxes(hs, 0, 1), h_last
 
 
 # The four gate activations in one elementwise pass over the gate axis: sigmoid(x) = (tanh(x/2) + 1) / 2 for
@@ -91,19 +94,19 @@ def lstm_scan_reference(xw, w_hh, w_p, h0, c0):
     """LSTM recurrence over time, differentiated by plain autodiff (the reference for the fused path).
 
     Args:
-      xw: [T, B, 4H] input projection (x_t @ W_ih + b) for all steps, gates ordered i, f, g, o.
+      xw: [B, T, 4H] input projection (x_t @ W_ih + b) for all steps, gates ordered i, f, g, o.
       w_hh: [P, 4H] recurrent weights (P = projection size, or H without projection).
       w_p: [H, P] projection, or None.
       h0: [B, P]; c0: [B, H].
     Returns:
-      (hs [T, B, P], (h_T [B, P], c_T [B, H])).
+      (hs [B, T, P], (h_T [B, P], c_T [B, H])).
     """
     def body(carry, xw_t):
         carry, _ = _lstm_cell(w_hh, w_p, carry, xw_t)
         return carry, carry[0]
 
-    carry, hs = jax.lax.scan(body, (h0, c0), xw)
-    return hs, carry
+    carry, hs = jax.lax.scan(body, (h0, c0), jnp.swapaxes(xw, 0, 1))
+    return jnp.swapaxes(hs, 0, 1), carry
 
 
 # Hidden sizes from which the fused recurrence runs feature-major (see `_Layout`): measured on the 2-core
@@ -172,15 +175,16 @@ def _fused_fwd(xw, w_hh, w_p, h0, c0, feature_major):
     w_rec = lay.weight(w_hh)
     w_proj = None if w_p is None else lay.weight(w_p)
 
-    def body(carry, xw_t):
-        h, c = carry
-        a = _gate_activations(lay.step_in(xw_t) + lay.times(h, w_rec), lay.gate_axis)
+    def body(carry, t):
+        h, c, hs = carry
+        a = _gate_activations(lay.step_in(_at(xw, t)) + lay.times(h, w_rec), lay.gate_axis)
         c = lay.gate(a, 1) * c + lay.gate(a, 0) * lay.gate(a, 2)
         m = lay.gate(a, 3) * jnp.tanh(c)
         h = m if w_p is None else lay.times(m, w_proj)
-        return (h, c), (lay.step_out(h), c, a)
+        return (h, c, _put(hs, lay.step_out(h), t)), (c, a)
 
-    (h, c), (hs, cs, acts) = jax.lax.scan(body, (lay.step_in(h0), lay.step_in(c0)), xw)
+    hs = jnp.zeros(xw.shape[:2] + h0.shape[-1:], xw.dtype)
+    (h, c, hs), (cs, acts) = jax.lax.scan(body, (lay.step_in(h0), lay.step_in(c0), hs), jnp.arange(xw.shape[1]))
     return (hs, (lay.step_out(h), lay.step_out(c))), (w_hh, w_p, h0, c0, hs, cs, acts)
 
 
@@ -192,7 +196,7 @@ def _fused_bwd(feature_major, residuals, cotangents):
     dgates = [dc, dc, dc, dm] * q_t; dh_prev = dgates @ W_hh^T; dc_prev = dc * f.
     """
     lay = _Layout(feature_major)
-    w_hh, w_p, h0, c0, hs, cs, acts = residuals          # hs batch-major; cs, acts in the loop layout
+    w_hh, w_p, h0, c0, hs, cs, acts = residuals     # hs [B, T, P]; cs, acts time-major in the loop layout
     dhs, (dh_last, dc_last) = cotangents
     i, f, g, o = (lay.gate(acts, k) for k in range(4))
     tanh_c = jnp.tanh(cs)
@@ -205,26 +209,42 @@ def _fused_bwd(feature_major, residuals, cotangents):
     w_proj_t = None if w_p is None else lay.weight(w_p, transpose=True)
 
     def body(carry, inputs):
-        dh, dc = carry
-        dh_out, dc_dm_t, q_t, f_t = inputs
-        dh = dh + lay.step_in(dh_out)          # gradient reaching h_t: from the output and from step t+1
+        dh, dc, dgates_all = carry
+        t, dc_dm_t, q_t, f_t = inputs
+        dh = dh + lay.step_in(_at(dhs, t))     # gradient reaching h_t: from the output and from step t+1
         dm = dh if w_p is None else lay.times(dh, w_proj_t)
         dc = dc + dm * dc_dm_t
         dgates = lay.flat_gates(jnp.stack([dc, dc, dc, dm], axis=lay.gate_axis) * q_t)
-        ys = lay.step_out(dgates) if w_p is None else (lay.step_out(dgates), lay.step_out(dh))
-        return (lay.times(dgates, w_rec_t), dc * f_t), ys
+        dgates_all = _put(dgates_all, lay.step_out(dgates), t)
+        return (lay.times(dgates, w_rec_t), dc * f_t, dgates_all), None if w_p is None else lay.step_out(dh)
 
-    (dh0, dc0), ys = jax.lax.scan(body, (lay.step_in(dh_last), lay.step_in(dc_last)), (dhs, dc_dm, q, f),
-                                  reverse=True)
-    dgates = ys if w_p is None else ys[0]                   # [T, B, 4H]
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    dw_hh = jnp.einsum("tbp,tbg->pg", h_prev, dgates)
+    steps = jnp.arange(hs.shape[1])
+    dgates = jnp.zeros(hs.shape[:2] + w_hh.shape[-1:], hs.dtype)                       # [B, T, 4H]
+    (dh0, dc0, dgates), dh_steps = jax.lax.scan(
+        body, (lay.step_in(dh_last), lay.step_in(dc_last), dgates), (steps, dc_dm, q, f), reverse=True)
+    h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)                         # [B, T, P]
+    dw_hh = _flat(h_prev).T @ _flat(dgates)
     if w_p is None:
         dw_p = None
     else:
         m = o * tanh_c
-        dw_p = jnp.einsum("thb,tbp->hp" if feature_major else "tbh,tbp->hp", m, ys[1])
+        dw_p = jnp.einsum("thb,tbp->hp" if feature_major else "tbh,tbp->hp", m, dh_steps)
     return dgates, dw_hh, dw_p, lay.step_out(dh0), lay.step_out(dc0)
+
+
+def _at(x, t):
+    """x [B, T, F] at step t -> [B, F]."""
+    return jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
+
+
+def _put(x, value, t):
+    """x [B, T, F] with step t set to value [B, F] (in place inside a loop)."""
+    return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=1)
+
+
+def _flat(x):
+    """[B, T, F] -> [B * T, F]: batch-major, so a batch split over devices stays a contiguous split."""
+    return x.reshape(-1, x.shape[-1])
 
 
 _lstm_scan_fused.defvjp(_fused_fwd, _fused_bwd)
@@ -278,12 +298,12 @@ def _orthogonal_blocks(key, rows: int, cols: int, blocks: int):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layers (time-major)
+# Layers (batch-major)
 # ----------------------------------------------------------------------------------------------------
 
 
 class RNNLayer(nnx.Module):
-    """Elman tanh RNN layer: x [T, B, in] -> h [T, B, H]; carry h [B, H]."""
+    """Elman tanh RNN layer: x [B, T, in] -> h [B, T, H]; carry h [B, H]."""
 
     def __init__(self, in_features: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.hidden = hidden
@@ -297,17 +317,16 @@ class RNNLayer(nnx.Module):
         return jnp.zeros((batch_size, self.hidden), self.dtype)
 
     def __call__(self, x: jax.Array, carry=None):
-        """x [T, B, in], carry h0 [B, H] or None (zeros) -> (h [T, B, H], h_T)."""
-        carry = self.initial_carry(x.shape[1]) if carry is None else carry.astype(self.dtype)
-        xw = jnp.einsum("tbi,ih->tbh", x.astype(self.dtype), self.w_ih[...].astype(self.dtype))
-        xw = xw + self.b[...].astype(self.dtype)
+        """x [B, T, in], carry h0 [B, H] or None (zeros) -> (h [B, T, H], h_T)."""
+        carry = self.initial_carry(x.shape[0]) if carry is None else carry.astype(self.dtype)
+        xw = layers.dense(x.astype(self.dtype), self.w_ih[...].astype(self.dtype), self.b[...].astype(self.dtype))
         return rnn_scan(xw, self.w_hh[...].astype(self.dtype), carry)
 
 
 class LSTMLayer(nnx.Module):
     """LSTM layer (Hochreiter & Schmidhuber 1997, with forget gate), optionally projected (LSTMP).
 
-    x [T, B, in] -> h [T, B, P] with P = projection (if > 0) else hidden; carry (h [B, P], c [B, H]).
+    x [B, T, in] -> h [B, T, P] with P = projection (if > 0) else hidden; carry (h [B, P], c [B, H]).
     Parameters: w_ih [in, 4H], w_hh [P, 4H], b [4H] (gates i, f, g, o), w_p [H, P] if projected.
     """
 
@@ -329,9 +348,9 @@ class LSTMLayer(nnx.Module):
                 jnp.zeros((batch_size, self.hidden), self.dtype))
 
     def __call__(self, x: jax.Array, carry=None):
-        """x [T, B, in], carry (h0, c0) or None (zeros) -> (h [T, B, P], (h_T, c_T))."""
+        """x [B, T, in], carry (h0, c0) or None (zeros) -> (h [B, T, P], (h_T, c_T))."""
         dt = self.dtype
-        carry = self.initial_carry(x.shape[1]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
+        carry = self.initial_carry(x.shape[0]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
         # All time steps' input projections in one matmul, outside the recurrence.
         xw = layers.dense(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
         w_p = None if self.w_p is None else self.w_p[...].astype(dt)
@@ -383,10 +402,10 @@ class RNNLM(nnx.Module):
         return self.embedding(tokens)
 
     def _stack(self, x, carry, dropout_key):
-        """x [B, T, d] -> (list of per-layer outputs, time-major [T, B, *], new carry, top output)."""
+        """x [B, T, d] -> (list of per-layer outputs [B, T, *], new carry, top output)."""
         keys = layers.split_keys(dropout_key, len(self.layers) + 1)
         carry = self.initial_carry(x.shape[0]) if carry is None else carry
-        h = jnp.swapaxes(x, 0, 1)  # time-major for the scans
+        h = x
         outputs, new_carry = [], []
         for layer, layer_carry, key in zip(self.layers, carry, keys):
             h, c = layer(layers.dropout(h, self.dropout_rate, key), layer_carry)
@@ -405,8 +424,7 @@ class RNNLM(nnx.Module):
         _, new_carry, top = self._stack(x, carry, dropout_key)
         if self.out_proj is not None:
             top = top @ self.out_proj[...].astype(self.dtype)
-        logits = jnp.einsum("tbd,vd->btv", top.astype(self.dtype),
-                            self.embedding.embedding[...].astype(self.dtype))
+        logits = self.embedding.attend(top)
         logits = logits + self.logit_bias[...].astype(self.dtype)
         return logits.astype(jnp.float32), new_carry
 
@@ -424,7 +442,7 @@ class RNNLM(nnx.Module):
         del mask
         x = self.embed(tokens)
         outputs, _, _ = self._stack(x, carry, None)
-        return [x] + [jnp.swapaxes(h, 0, 1) for h in outputs]
+        return [x] + outputs
 
 
 class LSTMLM(RNNLM):

@@ -33,9 +33,9 @@ def _padded_batch(seed=0, pad_id=0):
 
 
 def test_flip_sequences_reverses_only_real_tokens():
-    x = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]]).T[..., None]   # time-major [5, 2, 1]
+    x = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])[..., None]   # [B 2, T 5, 1]
     flipped = elmo.flip_sequences(x, jnp.array([3, 5]))
-    np.testing.assert_array_equal(flipped[..., 0].T, [[3, 2, 1, 0, 0], [8, 7, 6, 5, 4]])
+    np.testing.assert_array_equal(flipped[..., 0], [[3, 2, 1, 0, 0], [8, 7, 6, 5, 4]])
     np.testing.assert_array_equal(elmo.flip_sequences(flipped, jnp.array([3, 5])), x)
 
 
@@ -58,14 +58,13 @@ def test_backward_stack_is_forward_stack_on_reversed_rows_with_padding():
     rev = np.array(tokens)
     for b, n in enumerate(LENGTHS):
         rev[b, :n] = rev[b, :n][::-1]
-    x = jnp.swapaxes(model.embed(jnp.asarray(rev)), 0, 1)
-    fwd = elmo.run_stack(model.forward_layers, jnp.swapaxes(model.embed(tokens), 0, 1))
-    bwd = elmo.run_stack(model.backward_layers, x)
+    fwd = elmo.run_stack(model.forward_layers, model.embed(tokens))
+    bwd = elmo.run_stack(model.backward_layers, model.embed(jnp.asarray(rev)))
     d = 8
     for layer in range(model.num_layers):
         for b, n in enumerate(LENGTHS):
-            np.testing.assert_allclose(reps[layer + 1, b, :n, :d], fwd[layer][:n, b], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(reps[layer + 1, b, :n, d:], bwd[layer][:n, b][::-1], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(reps[layer + 1, b, :n, :d], fwd[layer][b, :n], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(reps[layer + 1, b, :n, d:], bwd[layer][b, :n][::-1], rtol=1e-5, atol=1e-6)
 
 
 def test_real_positions_ignore_padding_contents():

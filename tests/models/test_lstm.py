@@ -25,24 +25,24 @@ def _sigmoid(x):
 
 
 def _np_lstm(x, h, c, w_ih, w_hh, b, w_p=None):
-    """float64 NumPy LSTM(P) over x [T, B, in]: the textbook equations, one step at a time."""
+    """float64 NumPy LSTM(P) over x [B, T, in]: the textbook equations, one step at a time."""
     hs = []
-    for x_t in x:
+    for x_t in np.swapaxes(x, 0, 1):
         z = x_t @ w_ih + h @ w_hh + b
         i, f, g, o = np.split(z, 4, axis=-1)
         c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
         m = _sigmoid(o) * np.tanh(c)
         h = m if w_p is None else m @ w_p
         hs.append(h)
-    return np.stack(hs), h, c
+    return np.stack(hs, axis=1), h, c
 
 
 def _np_rnn(x, h, w_ih, w_hh, b):
     hs = []
-    for x_t in x:
+    for x_t in np.swapaxes(x, 0, 1):   # x [B, T, in]
         h = np.tanh(x_t @ w_ih + h @ w_hh + b)
         hs.append(h)
-    return np.stack(hs), h
+    return np.stack(hs, axis=1), h
 
 
 def _f64(p):
@@ -57,7 +57,7 @@ def _normal(seed, shape, dtype=np.float32, scale=1.0):
 def _random_lstm_args(seed, T, B, H, P, dtype=np.float32, scale=0.5):
     """Random (xw, w_hh, w_p, h0, c0) for the pure recurrences; P=0 means no projection."""
     out = P if P else H
-    xw = _normal(seed, (T, B, 4 * H), dtype)
+    xw = _normal(seed, (B, T, 4 * H), dtype)
     w_hh = _normal(seed + 1, (out, 4 * H), dtype, scale / np.sqrt(out))
     w_p = _normal(seed + 2, (H, P), dtype, scale / np.sqrt(H)) if P else None
     h0 = _normal(seed + 3, (B, out), dtype, 0.5)
@@ -72,7 +72,7 @@ def _random_lstm_args(seed, T, B, H, P, dtype=np.float32, scale=0.5):
 @pytest.mark.parametrize("T", [1, 9])
 def test_lstm_layer_matches_numpy(projection, T):
     layer = lstm.LSTMLayer(6, 8, projection, rngs=nnx.Rngs(params=1))
-    x = _normal(0, (T, 3, 6))
+    x = _normal(0, (3, T, 6))
     h0 = _normal(1, (3, projection or 8), scale=0.3)
     c0 = _normal(2, (3, 8), scale=0.3)
     hs, (h, c) = layer(x, (h0, c0))
@@ -83,13 +83,13 @@ def test_lstm_layer_matches_numpy(projection, T):
     np.testing.assert_allclose(hs, ref_hs, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6)
-    assert hs.shape == (T, 3, projection or 8)
+    assert hs.shape == (3, T, projection or 8)
 
 
 @pytest.mark.parametrize("T", [1, 9])
 def test_rnn_layer_matches_numpy(T):
     layer = lstm.RNNLayer(6, 8, rngs=nnx.Rngs(params=1))
-    x = _normal(0, (T, 3, 6))
+    x = _normal(0, (3, T, 6))
     h0 = _normal(1, (3, 8), scale=0.3)
     hs, h = layer(x, h0)
     ref_hs, ref_h = _np_rnn(np.asarray(x, np.float64), np.asarray(h0, np.float64), _f64(layer.w_ih),
@@ -120,7 +120,7 @@ def _check_directional_derivatives(f, args, seed, eps=1e-5, rtol=1e-6):
 def test_lstm_gradients_match_finite_differences(fused, projection, feature_major):
     with jax.enable_x64(True):
         args = _random_lstm_args(3, 6, 2, 4, projection, np.float64)
-        weights = _normal(10, (6, 2, projection or 4), np.float64)
+        weights = _normal(10, (2, 6, projection or 4), np.float64)
 
         def loss(*a):
             hs, (h, c) = lstm.lstm_scan(*a, fused=fused, feature_major=feature_major)
@@ -131,10 +131,10 @@ def test_lstm_gradients_match_finite_differences(fused, projection, feature_majo
 
 def test_rnn_gradients_match_finite_differences():
     with jax.enable_x64(True):
-        xw = _normal(6, (6, 2, 4), np.float64)
+        xw = _normal(6, (2, 6, 4), np.float64)
         w_hh = _normal(7, (4, 4), np.float64, 0.5)
         h0 = _normal(8, (2, 4), np.float64, 0.5)
-        weights = _normal(9, (6, 2, 4), np.float64)
+        weights = _normal(9, (2, 6, 4), np.float64)
 
         def loss(xw, w_hh, h0):
             hs, h = lstm.rnn_scan(xw, w_hh, h0)
@@ -154,7 +154,7 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("projection", [0, 5])
 def test_fused_lstm_equals_autodiff(projection, feature_major):
     args = _random_lstm_args(40, 40, 3, 16, projection, scale=1.5)
-    ct = _normal(50, (40, 3, projection or 16))
+    ct = _normal(50, (3, 40, projection or 16))
     ct_h = _normal(51, (3, projection or 16))
     ct_c = _normal(52, (3, 16))
 
