@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-import numpy as np
 from flax import nnx
 
 from jaxlm import checkpoint, config as config_lib, models
@@ -42,14 +40,13 @@ def load(workdir: str) -> TrainedRun:
         tokenizer = synthetic.load_tokenizer(config.data, workdir)
     else:
         tokenizer = tokenizers.load_tokenizer(config.data, workdir)
-    model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
+    model = models.build_model(config.model, tokenizer.vocab_size, config.seed, abstract=True)   # values: restored
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optim.make_optimizer(config.optim, config.train.steps, flat=False)   # the per-leaf form checkpoints hold
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
-    target = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     try:
-        restored = ckpt.restore_latest(target)
+        restored = ckpt.restore_latest(state_lib.checkpoint_target(params, tx, config.seed, carry))
     finally:
         ckpt.close()
     if restored is None:

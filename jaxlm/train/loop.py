@@ -56,18 +56,15 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     if reason:
         raise UserError(reason)
     dataset = data.build_dataset(config, workdir)
-    model = models.build_model(config.model, dataset.tokenizer.vocab_size, config.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
+    vocab_size, batch_size = dataset.tokenizer.vocab_size, config.train.batch_size
     tx = optim.from_config(config)
-    carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
-    host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
-    spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
-                                         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
-                               step_cache_key=step_cache.run_key(config, spec))
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(tx.to_checkpoint(host_state))
-    start_step, stopped_at = 0, None
+    start_step, stopped_at, restored = 0, None, None
+    if checkpointer.steps():   # resuming: the checkpoint holds every value, so nothing is initialised
+        model = models.build_model(config.model, vocab_size, config.seed, abstract=True)
+        carry = model.initial_carry(batch_size) if config.train.stateful else None
+        restored = checkpointer.restore_latest(
+            state_lib.checkpoint_target(nnx.state(model, nnx.Param), tx, config.seed, carry))
     if restored is not None:
         start_step, host_state, meta = restored
         host_state = tx.from_checkpoint(host_state)
@@ -75,7 +72,18 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
         if 0 < config.train.stop_at_accuracy <= reached:
             stopped_at = start_step   # it stopped there once solved (0 or a stricter threshold trains on)
     elif not for_training:
+        checkpointer.close()
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+    else:
+        model = models.build_model(config.model, vocab_size, config.seed)
+        carry = model.initial_carry(batch_size) if config.train.stateful else None
+        host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(nnx.state(model, nnx.Param), tx,
+                                                                          config.seed, carry))
+    graphdef, params = nnx.split(model, nnx.Param)
+    spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
+                                         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
+                               step_cache_key=step_cache.run_key(config, spec))
     if for_training and start_step > config.train.steps:
         checkpointer.close()
         raise UserError(f"workdir {workdir!r} holds a run trained to step {start_step}, beyond "
