@@ -227,8 +227,8 @@ def _first_replica(tree):
 
 def cpu_device_count(config, cores: int) -> int:
     """The XLA:CPU device count a run uses: parallel.cpu_devices, or for 0 (auto) one per core (the largest
-    count <= cores that splits the batch, gradient accumulation included), 1 for studies (they train several
-    models in one process, each with batch sizes of its own).
+    count <= cores that splits the batch, gradient accumulation included), 1 for studies (their ~0.11M-parameter
+    models are too small to gain: the quick preset took 3 min 46 s on two devices against 3 min 10 s on one).
 
     One device per core, data parallel over the cores, beats one device spanning them for every model
     (2 cores, benchmarks/README.md): GPT small 1.13-1.25x, GPT tiny 1.03x, LSTM tiny 1.33x, LSTM small 1.125x.

@@ -210,7 +210,7 @@ def test_cpu_devices_auto_is_one_per_core():
     assert parallel.cpu_device_count(_cpu_config("gpt", batch=8, accum=8), cores=2) == 1
     for name in ("rnn", "lstm", "elmo"):
         assert parallel.cpu_device_count(_cpu_config(name), cores=2) == 2
-    assert parallel.cpu_device_count(_cpu_config("gpt", study=True), cores=2) == 1   # a study: its own batch sizes
+    assert parallel.cpu_device_count(_cpu_config("gpt", study=True), cores=2) == 1   # a study: models too small to gain
     assert parallel.cpu_device_count(_cpu_config("lstm", cpu_devices=3), cores=2) == 3   # explicit wins
 
 
