@@ -29,7 +29,8 @@ def build_model(cfg, vocab_size: int, seed: int, *, abstract: bool = False) -> n
 
     abstract=True: the same module with `jax.ShapeDtypeStruct` parameters, nothing drawn or computed (the
     structure a checkpoint restores into, when the checkpoint supplies the values; GPT small's eager
-    initialisation runs 18 small programs, ~0.5 s).
+    initialisation and optimizer init took 2.1-2.3 s in a fresh process, 0.4-0.6 s with a warm compilation
+    cache, against 0.1 s abstract).
     """
     if cfg.name not in MODELS:
         raise UserError(f"unknown model.name={cfg.name!r}; choose from {', '.join(sorted(MODELS))}")
