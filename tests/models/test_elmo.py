@@ -151,9 +151,10 @@ def test_overfits_tiny_text():
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    for step in range(150):
+    first = None
+    for _ in range(150):
         params, opt_state, loss = train_step(params, opt_state)
-        first = loss if step == 0 else first
+        first = loss if first is None else first
     forward_loss, backward_loss = jax.jit(losses)(params)
     assert float(first) > 0.8 * np.log(len(vocab))
     assert float(forward_loss) < 0.2 and float(backward_loss) < 0.2, (forward_loss, backward_loss)
