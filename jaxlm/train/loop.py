@@ -56,15 +56,13 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     if reason:
         raise UserError(reason)
     dataset = data.build_dataset(config, workdir)
-    vocab_size, batch_size = dataset.tokenizer.vocab_size, config.train.batch_size
     tx = optim.from_config(config)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
-    start_step, stopped_at, restored = 0, None, None
-    if checkpointer.steps():   # resuming: the checkpoint holds every value, so nothing is initialised
-        model = models.build_model(config.model, vocab_size, config.seed, abstract=True)
-        carry = model.initial_carry(batch_size) if config.train.stateful else None
-        restored = checkpointer.restore_latest(
-            state_lib.checkpoint_target(nnx.state(model, nnx.Param), tx, config.seed, carry))
+    resuming = bool(checkpointer.steps())   # then the checkpoint holds every value: build shapes only
+    model, params, carry = _build_model(config, dataset.tokenizer.vocab_size, abstract=resuming)
+    restored = (checkpointer.restore_latest(state_lib.checkpoint_target(params, tx, config.seed, carry))
+                if resuming else None)
+    start_step, stopped_at = 0, None
     if restored is not None:
         start_step, host_state, meta = restored
         host_state = tx.from_checkpoint(host_state)
@@ -75,11 +73,10 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
         checkpointer.close()
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
     else:
-        model = models.build_model(config.model, vocab_size, config.seed)
-        carry = model.initial_carry(batch_size) if config.train.stateful else None
-        host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(nnx.state(model, nnx.Param), tx,
-                                                                          config.seed, carry))
-    graphdef, params = nnx.split(model, nnx.Param)
+        if resuming:   # its steps vanished between listing and restoring (another process cleared them)
+            model, params, carry = _build_model(config, dataset.tokenizer.vocab_size, abstract=False)
+        host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
+    graphdef = nnx.graphdef(model)
     spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
                                          axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
     dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
@@ -97,6 +94,13 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
                checkpointer=checkpointer, writer=writer, state=dp.place_state(host_state), start_step=int(start_step),
                flops_per_token=flops, num_params=models.count_params(params),
                model_initial_carry=lambda b: jax.tree.map(np.asarray, model.initial_carry(b)), stopped_at=stopped_at)
+
+
+def _build_model(config, vocab_size: int, *, abstract: bool):
+    """(model, its Param state, the zero recurrent carry of a stateful run or None); abstract: shapes only."""
+    model = models.build_model(config.model, vocab_size, config.seed, abstract=abstract)
+    carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
+    return model, nnx.state(model, nnx.Param), carry
 
 
 def _set_aside_previous_run(workdir: str) -> None:
