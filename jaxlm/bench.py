@@ -44,10 +44,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import data, models, parallel, perf, step_cache
+from jaxlm import data, models, parallel, perf
 from jaxlm.data import tokenizers
 from jaxlm.errors import UserError
-from jaxlm.train import optim, state as state_lib, step as step_lib
+from jaxlm.train import loop, optim, step as step_lib
 
 # The shapes of shared/bench/README.md.  "vocab 256" is jaxlm's byte tokenizer: 256 bytes + 6 specials.
 _GPT = {"model.name": "gpt", "model.num_heads": 4, "train.batch_size": 16, "data.tokenizer": "bytes"}
@@ -198,17 +198,12 @@ def bench_tokenizer(config, workdir: str):
 
 
 def build_step(config, tokenizer):
-    """(DataParallel, placed TrainState, StepSpec, num_params): what loop.setup builds, minus data/checkpoints."""
-    model = models.build_model(config.model, tokenizer.vocab_size, config.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optim.from_config(config)   # as loop.setup
-    carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
-    host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
-    axis = parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None
-    spec = step_lib.StepSpec.from_config(config, graphdef, tx, tokenizer, axis_name=axis)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec),
-                               step_cache_key=step_cache.run_key(config, spec))   # as loop.setup
-    return dp, dp.place_state(host_state), spec, models.count_params(params)
+    """(DataParallel, placed TrainState, StepSpec, num_params): what loop.setup builds for a fresh run, minus
+    data and checkpoints."""
+    model, params, carry = loop.model_and_params(config, tokenizer.vocab_size, abstract=False)
+    tx = optim.from_config(config)
+    spec, dp = loop.make_steps(config, nnx.graphdef(model), tx, tokenizer)
+    return dp, dp.place_state(loop.fresh_state(params, tx, config, carry)), spec, models.count_params(params)
 
 
 def matmul_flops(jaxpr) -> float:

@@ -59,7 +59,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
     tx = optim.from_config(config)
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints)
     resuming = bool(checkpointer.steps())   # then the checkpoint holds every value: build shapes only
-    model, params, carry = _build_model(config, dataset.tokenizer.vocab_size, abstract=resuming)
+    model, params, carry = model_and_params(config, dataset.tokenizer.vocab_size, abstract=resuming)
     restored = (checkpointer.restore_latest(state_lib.checkpoint_target(params, tx, config.seed, carry))
                 if resuming else None)
     start_step, stopped_at = 0, None
@@ -74,13 +74,10 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
         raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
     else:
         if resuming:   # its steps vanished between listing and restoring (another process cleared them)
-            model, params, carry = _build_model(config, dataset.tokenizer.vocab_size, abstract=False)
-        host_state = jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
+            model, params, carry = model_and_params(config, dataset.tokenizer.vocab_size, abstract=False)
+        host_state = fresh_state(params, tx, config, carry)
     graphdef = nnx.graphdef(model)
-    spec = step_lib.StepSpec.from_config(config, graphdef, tx, dataset.tokenizer,
-                                         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
-    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
-                               step_cache_key=step_cache.run_key(config, spec))
+    spec, dp = make_steps(config, graphdef, tx, dataset.tokenizer)
     if for_training and start_step > config.train.steps:
         checkpointer.close()
         raise UserError(f"workdir {workdir!r} holds a run trained to step {start_step}, beyond "
@@ -96,11 +93,25 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
                model_initial_carry=lambda b: jax.tree.map(np.asarray, model.initial_carry(b)), stopped_at=stopped_at)
 
 
-def _build_model(config, vocab_size: int, *, abstract: bool):
+def model_and_params(config, vocab_size: int, *, abstract: bool):
     """(model, its Param state, the zero recurrent carry of a stateful run or None); abstract: shapes only."""
     model = models.build_model(config.model, vocab_size, config.seed, abstract=abstract)
     carry = model.initial_carry(config.train.batch_size) if config.train.stateful else None
     return model, nnx.state(model, nnx.Param), carry
+
+
+def fresh_state(params, tx, config, carry=None):
+    """The TrainState of a run's step 0, as host numpy (DataParallel.place_state lays it out)."""
+    return jax.tree.map(np.asarray, state_lib.TrainState.create(params, tx, config.seed, carry))
+
+
+def make_steps(config, graphdef, tx, tokenizer) -> tuple[step_lib.StepSpec, parallel.DataParallel]:
+    """The run's StepSpec and its train/eval steps wrapped for `config.parallel` (strategy, fsdp, step cache)."""
+    spec = step_lib.StepSpec.from_config(config, graphdef, tx, tokenizer,
+                                         axis_name=parallel.PMAP_AXIS if config.parallel.strategy == "pmap" else None)
+    dp = parallel.DataParallel(config.parallel.strategy, *step_lib.bind(spec), fsdp=config.parallel.fsdp,
+                               step_cache_key=step_cache.run_key(config, spec))
+    return spec, dp
 
 
 def _set_aside_previous_run(workdir: str) -> None:
