@@ -3,8 +3,9 @@
 For each model (the reference SHAPES below, or only the --config's model) bench reports parameters,
 training FLOPs per token three ways, tokens/s and step time (medians after warm-up), first-step compile
 time cold (empty persistent cache) and from the persistent cache, peak memory, page faults per step and
-MFU against the matmul peak measured now through XLA.  It writes WORKDIR/bench.json and prints a
-markdown table.
+MFU.  The MFU denominator is what training's train/mfu divides by: the matmul peak through XLA of the run's
+device configuration with every device busy (perf.measure_matmul_peak), measured again in the model's child
+and kept at its highest.  It writes WORKDIR/bench.json and prints a markdown table.
 
 What is timed is what `--mode=train` runs: the real train step (StepSpec + parallel.DataParallel, AdamW
 with clipping from config.optim, stateful truncated BPTT for recurrent models as torch_lstm.py does) on
@@ -107,7 +108,7 @@ def run_bench(config, workdir: str, *, config_given: bool = False, **_) -> dict:
     results = []
     for name, (desc, cfg) in todo.items():
         _say(f"{name}: measuring ({desc})")
-        results.append(measure_model(name, desc, cfg, os.path.join(workdir, name), peaks))
+        results.append(measure_model(name, desc, cfg, os.path.join(workdir, name)))
         _say(markdown_table(results[-1:]).splitlines()[-1])
     report = {"machine": machine_info(), "peak_flops": peaks, "models": results}
     path = os.path.join(workdir, "bench.json")
@@ -125,23 +126,20 @@ def measure_peak(dtype: str, tries: int = 3) -> float:
     A peak is a maximum: other processes on the machine only ever lower a measurement, so the cache that
     training's train/mfu reads (perf.peak_flops) keeps the highest value seen, never a noisy low one.
     """
-    cached = perf.peak_flops(dtype)
-    now = max(perf.measure_matmul_peak(dtype) for _ in range(tries))
-    best = perf.record_peak(dtype, now)
-    _say(f"matmul peak {dtype}: {best / 1e9:.0f} GFLOP/s through XLA (now {now / 1e9:.0f}, cached {cached / 1e9:.0f})")
+    best, now = perf.measure_peak(dtype, tries)
+    _say(f"matmul peak {dtype}: {best / 1e9:.0f} GFLOP/s through XLA on {jax.local_device_count()} device(s) "
+         f"(now {now / 1e9:.0f})")
     return best
 
 
-def measure_model(name: str, description: str, config, model_dir: str, peaks: dict) -> dict:
+def measure_model(name: str, description: str, config, model_dir: str) -> dict:
     """Two child processes on one fresh compilation cache: cold compile + timing, then cached compile."""
     config_lib.save(config, model_dir)
     with tempfile.TemporaryDirectory(prefix="jaxlm-bench-cache-") as cache:
         timed = _child(model_dir, cache, "measure")
         cached = _child(model_dir, cache, "first_step")
-    peak = peaks.get(config.model.dtype) or peaks["float32"]
-    result = {"name": name, "description": description, **timed,
-              "compile_cached": cached["compile"], "mfu": timed["tokens_per_sec"] * timed["flops_per_token"] / peak,
-              "peak_flops": peak}
+    result = {"name": name, "description": description, **timed, "compile_cached": cached["compile"],
+              "mfu": timed["tokens_per_sec"] * timed["flops_per_token"] / timed["peak_flops"]}
     result["compile_cold"] = result.pop("compile")
     return result
 
@@ -318,6 +316,8 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
         "cpu_ms_per_step": 1e3 * own_cpu / len(times),   # this process's CPU time: steadier than wall under load
         "other_cpu_frac": other / (wall * len(os.sched_getaffinity(0))),
         "first_loss": first_loss, "last_loss": last_loss,
+        # the MFU denominator, as training's train/mfu: this device configuration's peak (all devices busy)
+        "peak_flops": perf.peak_flops(config.model.dtype, remeasure=True),
         "env": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
     }
 

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 _PEAK_CACHE: dict[str, float] = {}
 
@@ -42,7 +43,7 @@ def _cpu_model() -> str:
 def _machine_key(dtype: str) -> str:
     dev = jax.devices()[0]
     kind = f"{dev.device_kind}:{_cpu_model()}" if dev.platform == "cpu" else dev.device_kind
-    return f"{dev.platform}:{kind}:{os.cpu_count()}:{jax.device_count()}:{dtype}"
+    return f"{dev.platform}:{kind}:{os.cpu_count()}:{jax.local_device_count()} busy:{dtype}"   # measure_matmul_peak
 
 
 def _peak_path() -> str:
@@ -58,25 +59,42 @@ def _read_peaks() -> dict:
         return {}
 
 
-def measure_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
-    """Best FLOP/s of an n x n x n matmul chain through XLA on the default device (a practical peak, not a datasheet)."""
+def matmul_chain(dtype: str = "float32", n: int = 1024, chain: int = 4):
+    """(f, x, a, flops): a jitted chain of `chain` n x n x n matmuls on every local device at once (x is
+    [devices, n, n], split over them; a is replicated), and the FLOPs one call of f(x, a) does in all."""
     dt = jnp.dtype(dtype)
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dt)
-    chain = 4
+    x = jax.device_put(jnp.broadcast_to(a, (len(devices), n, n)), NamedSharding(mesh, P("d")))
+    a = jax.device_put(a, NamedSharding(mesh, P()))
 
     @jax.jit
-    def f(x):
+    def f(x, a):
         for _ in range(chain):   # a short chain keeps dispatch overhead out of the measurement
             x = (x @ a) * jnp.asarray(0.5, dt)
         return x
+    return f, x, a, len(devices) * chain * 2 * n ** 3
 
-    jax.block_until_ready(f(a))
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
+    """Best FLOP/s of a matmul chain through XLA with every local device busy at once: what this process's
+    devices can do together (a practical peak, not a datasheet).  On a CPU split into several XLA devices
+    they share the cores, so this is the machine's peak in that configuration, not a per-device figure."""
+    f, x, a, flops = matmul_chain(dtype, n)
+    jax.block_until_ready(f(x, a))
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(a))
+        jax.block_until_ready(f(x, a))
         best = min(best, time.perf_counter() - t)
-    return chain * 2 * n ** 3 / best
+    return flops / best
+
+
+def measure_peak(dtype: str = "float32", tries: int = 3) -> tuple[float, float]:
+    """(peak, measured now): the best of `tries` measurements folded into the cache (:func:`record_peak`)."""
+    now = max(measure_matmul_peak(dtype) for _ in range(tries))
+    return record_peak(dtype, now), now
 
 
 def record_peak(dtype: str, flops: float) -> float:
@@ -107,7 +125,8 @@ def record_peak(dtype: str, flops: float) -> float:
 
 
 def peak_flops(dtype: str = "float32", *, remeasure: bool = False) -> float:
-    """The cached peak for this machine and dtype, measuring it (about a second) the first time.
+    """The cached peak of this process's devices for this machine and dtype, measured (best of 3, a few
+    seconds) the first time.
 
     ``remeasure=True`` measures again and keeps the higher of that and the cached value (:func:`record_peak`)."""
     key = _machine_key(dtype)
@@ -115,6 +134,12 @@ def peak_flops(dtype: str = "float32", *, remeasure: bool = False) -> float:
         return _PEAK_CACHE[key]
     saved = _read_peaks().get(key)
     if saved is None or remeasure:
-        return record_peak(dtype, measure_matmul_peak(dtype))
+        return measure_peak(dtype)[0]
     _PEAK_CACHE[key] = float(saved)
     return _PEAK_CACHE[key]
+
+
+def global_peak_flops(dtype: str = "float32") -> float:
+    """The MFU denominator of a run: the peak of this process's devices times the number of processes (every
+    process runs the same devices).  Tokens/s and FLOPs per token count the global batch, so the peak must too."""
+    return peak_flops(dtype) * jax.process_count()

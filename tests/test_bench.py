@@ -121,7 +121,8 @@ def test_bench_mode_writes_every_field_and_the_table(tmp_path):
     # (XLA also counts the elementwise work), which equal the formula + 6*L*T*d (see the in-process test above)
     assert m["flops_per_token_jaxpr"] == pytest.approx(m["flops_per_token"] + 6 * 1 * 16 * 32, rel=1e-9)
     assert m["flops_per_token_xla"] >= m["flops_per_token_jaxpr"]
-    assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token"] / report["peak_flops"]["float32"])
+    assert m["peak_flops"] > 0   # the child's device configuration, as training's train/mfu reads it
+    assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token"] / m["peak_flops"])
     assert abs(m["first_loss"] - np.log(262)) < 0.5   # random tokens: the untrained model is near uniform
 
 
@@ -144,3 +145,35 @@ def test_the_cached_peak_only_ever_rises(tmp_path, monkeypatch):
     with open(tmp_path / "peak_flops.json") as f:
         (key, value), = json.load(f).items()
     assert value == 330e9 and key.endswith(":float32") and perf._cpu_model() in key
+
+
+_PEAK_WORKER = """
+import itertools, sys
+import jax
+from jaxlm import perf
+f, x, a, flops = perf.matmul_chain("float32", n=64, chain=4)
+assert len(x.sharding.device_set) == jax.local_device_count() == 4, x.sharding
+assert len(f(x, a).sharding.device_set) == 4
+clock = itertools.count(0.0, 0.5)                  # every perf_counter() call: +0.5 s, so every timed call: 0.5 s
+perf.time.perf_counter = lambda: next(clock)
+print(flops, perf.measure_matmul_peak("float32", n=64, repeats=3))
+"""
+
+
+def test_the_matmul_peak_counts_every_local_device(tmp_path):
+    # the MFU numerator counts the whole batch over all devices, so the peak must be all devices' together
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAXLM_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", _PEAK_WORKER], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    flops, peak = map(float, r.stdout.split())
+    assert flops == 4 * 4 * 2 * 64 ** 3                 # 4 devices x a chain of 4 matmuls of 64^3 multiply-adds
+    assert peak == pytest.approx(flops / 0.5)
+
+
+def test_a_run_divides_by_every_process_peak(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(perf, "_PEAK_CACHE", {})
+    perf.record_peak("float32", 300e9)
+    monkeypatch.setattr(perf.jax, "process_count", lambda: 4)
+    assert perf.global_peak_flops("float32") == 4 * 300e9

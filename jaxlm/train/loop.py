@@ -210,7 +210,7 @@ def _train_loop(run: Run, signals: _SignalFlag) -> int:
     """Steps from run.start_step; returns the last step trained (train.steps, or where stop_at_accuracy hit)."""
     c = run.config.train
     pending, last_time, last_step = [], None, run.start_step
-    peak = perf.peak_flops(run.config.model.dtype)
+    peak = perf.global_peak_flops(run.config.model.dtype)
     tokens_per_step = c.batch_size * run.config.data.seq_len
     skipped = 0
     for step in range(run.start_step, c.steps):
