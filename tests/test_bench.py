@@ -148,7 +148,7 @@ def test_the_cached_peak_only_ever_rises(tmp_path, monkeypatch):
 
 
 _PEAK_WORKER = """
-import itertools, sys
+import itertools
 import jax
 from jaxlm import perf
 f, x, a, flops = perf.matmul_chain("float32", n=64, chain=4)
