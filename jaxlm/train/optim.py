@@ -3,7 +3,8 @@
 The update runs on the parameters laid out as two flat vectors (:class:`ParamGroups`: the matrices AdamW decays,
 and the rest) rather than leaf by leaf: XLA then emits a handful of kernels for the whole update instead of
 several per parameter array (GPT tiny's step: 410 fusions before, 243 after), which cuts compile time,
-cache-load time and tracing.  Under fsdp each parameter keeps its own shards, so the update stays per leaf
+cache-load time and tracing.  Arrays of LARGE_LEAF elements or more stay arrays of their own: concatenating
+them (params and gradients, every step) costs more than the few kernels of their own update.  Under fsdp each parameter keeps its own shards, so the update stays per leaf
 there.  Checkpoints always hold the per-leaf form (:meth:`Optimizer.to_checkpoint`), whatever the layout at run
 time.
 """
@@ -41,15 +42,27 @@ def decay_mask(params):
     return jax.tree.map(is_decayed, params)
 
 
-class ParamGroups(NamedTuple):
-    """A parameter tree (or its gradient, or an Adam moment) as two flat vectors, leaves in tree order."""
+# Arrays from this many elements (2 MB in fp32) are updated on their own, not concatenated into a group: on the
+# 2-core Zen 5 VM the two 4.3M-element concatenations of LSTM small's step (its four 1M-element matrices and the
+# rest) took ~35 ms of a 465 ms step (benchmarks/README.md).
+LARGE_LEAF = 1 << 19
 
-    decayed: jax.Array   # every matrix, raveled and concatenated
-    other: jax.Array     # biases, norm scales and other vectors
+
+def _is_large(x) -> bool:
+    return int(np.size(x)) >= LARGE_LEAF
+
+
+class ParamGroups(NamedTuple):
+    """A parameter tree (or its gradient, or an Adam moment) as two flat vectors plus its large arrays as they are,
+    leaves in tree order."""
+
+    decayed: jax.Array   # every matrix below LARGE_LEAF elements, raveled and concatenated
+    other: jax.Array     # biases, norm scales and other vectors below LARGE_LEAF elements
+    large: tuple = ()    # the arrays of LARGE_LEAF elements or more
 
 
 def to_groups(tree) -> ParamGroups:
-    """Ravel and concatenate the leaves of `tree` into its two groups (NumPy in, NumPy out; traced otherwise)."""
+    """Ravel and concatenate the leaves of `tree` into its groups (NumPy in, NumPy out; traced otherwise)."""
     leaves = jax.tree.leaves(tree)
     if len({x.dtype for x in leaves}) > 1:   # concatenating would silently promote
         dtypes = sorted({str(x.dtype) for x in leaves})
@@ -58,21 +71,29 @@ def to_groups(tree) -> ParamGroups:
     dtype = leaves[0].dtype if leaves else np.float32
 
     def cat(want):
-        parts = [x.reshape(-1) for x in leaves if is_decayed(x) == want]
+        parts = [x.reshape(-1) for x in leaves if not _is_large(x) and is_decayed(x) == want]
         return xp.concatenate(parts) if parts else xp.zeros((0,), dtype)
-    return ParamGroups(cat(True), cat(False))
+    return ParamGroups(cat(True), cat(False), tuple(x for x in leaves if _is_large(x)))
 
 
 def from_groups(groups: ParamGroups, like):
-    """The inverse of `to_groups`: slices of the two vectors, shaped and ordered like the leaves of `like`."""
+    """The inverse of `to_groups`: slices of the two vectors and the large arrays, ordered like the leaves of
+    `like`."""
     leaves, treedef = jax.tree.flatten(like)
-    offsets, out = {True: 0, False: 0}, []
+    offsets, out, large = {True: 0, False: 0}, [], iter(groups.large)
     for x in leaves:
+        if _is_large(x):
+            out.append(next(large))
+            continue
         group, size = is_decayed(x), int(np.size(x))
         vector = groups.decayed if group else groups.other
         out.append(vector[offsets[group]:offsets[group] + size].reshape(np.shape(x)))
         offsets[group] += size
     return jax.tree.unflatten(treedef, out)
+
+
+def _groups_decay_mask(groups: ParamGroups) -> ParamGroups:
+    return ParamGroups(True, False, tuple(is_decayed(x) for x in groups.large))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,7 +143,7 @@ def make_optimizer(cfg, total_steps: int, *, flat: bool = True) -> Optimizer:
     flat=False (fsdp) updates leaf by leaf; both give the same result up to float summation order."""
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     chain.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2,
-                             weight_decay=cfg.weight_decay, mask=ParamGroups(True, False) if flat else decay_mask))
+                             weight_decay=cfg.weight_decay, mask=_groups_decay_mask if flat else decay_mask))
     return Optimizer(optax.chain(*chain), flat)
 
 

@@ -56,9 +56,14 @@ def setup():
     return c, params, grads
 
 
-@pytest.mark.parametrize("flat", [True, False])
-def test_adamw_matches_float64_reference(setup, flat):
+@pytest.mark.parametrize("flat, large_leaf", [(True, optim.LARGE_LEAF), (True, 200), (False, optim.LARGE_LEAF)],
+                         ids=["flat", "flat_with_large_leaves", "per_leaf"])
+def test_adamw_matches_float64_reference(setup, flat, large_leaf, monkeypatch):
     cfg, params, grads = setup
+    monkeypatch.setattr(optim, "LARGE_LEAF", large_leaf)
+    if flat and large_leaf == 200:   # the four matrices of 256+ elements are updated on their own
+        large = optim.to_groups(params).large
+        assert 0 < len(large) < len(jax.tree.leaves(params)) and any(x.ndim >= 2 for x in large)
     total = 10
     opt = optim.make_optimizer(cfg.optim, total, flat=flat)
     state = opt.init(params)
@@ -98,12 +103,16 @@ def types_state(params, opt_state):
                       rng=np.zeros(2, np.uint32))
 
 
-def test_param_groups_round_trip_and_split_matrices_from_vectors(setup):
+@pytest.mark.parametrize("large_leaf", [optim.LARGE_LEAF, 200])
+def test_param_groups_round_trip_and_split_matrices_from_vectors(setup, large_leaf, monkeypatch):
     _, params, _ = setup
+    monkeypatch.setattr(optim, "LARGE_LEAF", large_leaf)
     groups = optim.to_groups(params)
     leaves = jax.tree.leaves(params)
-    assert groups.decayed.size == sum(x.size for x in leaves if x.ndim >= 2)
-    assert groups.other.size == sum(x.size for x in leaves if x.ndim < 2) > 0
+    small = [x for x in leaves if x.size < large_leaf]
+    assert [x.shape for x in groups.large] == [x.shape for x in leaves if x.size >= large_leaf]
+    assert groups.decayed.size == sum(x.size for x in small if x.ndim >= 2)
+    assert groups.other.size == sum(x.size for x in small if x.ndim < 2) > 0
     back = optim.from_groups(groups, params)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), leaves):
