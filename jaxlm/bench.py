@@ -17,10 +17,11 @@ also keep each model's peak RSS and allocator state its own.
 FLOPs per token:
   * formula: models.FLOPS_PER_TOKEN (6N + attention; the MFU numerator, as in training's train/mfu);
   * xla: the compiled step's cost analysis.  XLA counts every op (elementwise too, and full T x T
-    attention scores), but counts the body of a while loop ONCE, so for recurrent models (lax.scan over
+    attention scores), but counts the body of a while loop ONCE, so for recurrent models (a loop over
     time) it misses all but one step of the recurrence (LSTM small: 0.68x the formula): read it for
     transformers only;
-  * jaxpr: matrix-multiply FLOPs of the step's jaxpr, with scan bodies counted `length` times.
+  * jaxpr: matrix-multiply FLOPs of the step's jaxpr, with scan bodies counted `length` times (and while
+    loops with a static trip count that many times).
 
 The allocator matters as much as the code (shared/bench/README.md): launch.py re-executes itself with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless --nohugepages; bench.json records the setting.
@@ -207,7 +208,8 @@ def build_step(config, tokenizer):
 def matmul_flops(jaxpr) -> float:
     """FLOPs of every dot_general in a (Closed)Jaxpr, 2 per multiply-add; scan bodies x their length.
 
-    while_loop bodies (unknown trip count) count once; of a cond's branches the largest counts.
+    while_loop bodies count x their trip count where it is static (a counter from a literal, stepped by 1, while
+    below a literal: the fused LSTM's loops), once otherwise; of a cond's branches the largest counts.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
@@ -225,8 +227,27 @@ def matmul_flops(jaxpr) -> float:
         if not subs:
             continue
         inner = max(subs) if eqn.primitive.name == "cond" else sum(subs)
-        total += inner * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        repeats = {"scan": lambda: eqn.params["length"], "while": lambda: _while_trip_count(eqn)}
+        total += inner * repeats.get(eqn.primitive.name, lambda: 1)()
     return total
+
+
+def _while_trip_count(eqn) -> int:
+    """Trip count of `while` carry[0] < N with carry[0] starting at a literal and stepped by 1; 1 if not so."""
+    from jax.extend import core as jex_core
+    cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    cond, body = eqn.params["cond_jaxpr"].jaxpr, eqn.params["body_jaxpr"].jaxpr
+    init = eqn.invars[cond_n + body_n]
+    if len(cond.eqns) != 1 or not isinstance(init, jex_core.Literal):
+        return 1
+    test = cond.eqns[0]
+    step = next((e for e in body.eqns if e.outvars[0] is body.outvars[0]), None)
+    if (test.primitive.name != "lt" or test.invars[0] is not cond.invars[cond_n]
+            or not isinstance(test.invars[1], jex_core.Literal) or step is None or step.primitive.name != "add"
+            or step.invars[0] is not body.invars[body_n] or not isinstance(step.invars[1], jex_core.Literal)
+            or int(step.invars[1].val) != 1):
+        return 1
+    return max(int(test.invars[1].val) - int(init.val), 1)
 
 
 class _CompileTimes:

@@ -10,7 +10,7 @@ batch-major projection and writes step t of the batch-major output in place.
 
 The LSTM recurrence has two implementations with the same forward function:
   * :func:`lstm_scan_reference`: the straightforward scan, differentiated by JAX autodiff;
-  * :func:`lstm_scan_fused` (default): a `jax.custom_vjp` whose backward pass is a reverse scan that
+  * :func:`lstm_scan_fused` (default): a `jax.custom_vjp` whose backward pass is a reverse loop that
     carries only (dh, dc) and emits the per-step gate gradients; dW_hh (and dW_p) are then one large
     matmul over all steps after the loop, as cuDNN and oneDNN do (this design measured +45-54% over
     autodiff of the scan on the 2-core CPU in shared/bench/README.md).  Tests check it equals the
@@ -144,6 +144,10 @@ class _Layout:
         """x @ w in row convention (x holds rows of a batch), w prepared by :meth:`weight`."""
         return w_prepared @ x if self.feature_major else x @ w_prepared
 
+    def gates_shape(self, batch: int, hidden: int) -> tuple:
+        """The shape of one step's gate activations: [B, 4, H] or [4, H, B]."""
+        return (4, hidden, batch) if self.feature_major else (batch, 4, hidden)
+
     def gate(self, a, k):
         """Gate k of activations [..., 4, H] / [..., 4, H, B]."""
         return jax.lax.index_in_dim(a, k, a.ndim + self.gate_axis, keepdims=False)
@@ -174,22 +178,26 @@ def _fused_fwd(xw, w_hh, w_p, h0, c0, feature_major):
     lay = _Layout(feature_major)
     w_rec = lay.weight(w_hh)
     w_proj = None if w_p is None else lay.weight(w_p)
+    steps = xw.shape[1]
 
-    def body(carry, t):
-        h, c, hs = carry
+    def body(carry):
+        t, h, c, hs, cs, acts = carry
         a = _gate_activations(lay.step_in(_at(xw, t)) + lay.times(h, w_rec), lay.gate_axis)
         c = lay.gate(a, 1) * c + lay.gate(a, 0) * lay.gate(a, 2)
         m = lay.gate(a, 3) * jnp.tanh(c)
         h = m if w_p is None else lay.times(m, w_proj)
-        return (h, c, _put(hs, lay.step_out(h), t)), (c, a)
+        return t + 1, h, c, _put(hs, lay.step_out(h), t), _put(cs, c, t, axis=0), _put(acts, a, t, axis=0)
 
+    h, c = lay.step_in(h0), lay.step_in(c0)
     hs = jnp.zeros(xw.shape[:2] + h0.shape[-1:], xw.dtype)
-    (h, c, hs), (cs, acts) = jax.lax.scan(body, (lay.step_in(h0), lay.step_in(c0), hs), jnp.arange(xw.shape[1]))
+    cs = jnp.zeros((steps,) + c.shape, c.dtype)                        # time-major, in the loop layout
+    acts = jnp.zeros((steps,) + lay.gates_shape(*c0.shape), xw.dtype)
+    _, h, c, hs, cs, acts = _loop(body, (0, h, c, hs, cs, acts), steps)
     return (hs, (lay.step_out(h), lay.step_out(c))), (w_hh, w_p, h0, c0, hs, cs, acts)
 
 
 def _fused_bwd(feature_major, residuals, cotangents):
-    """Reverse scan carrying (dh, dc) only; weight gradients as single matmuls after the loop.
+    """Reverse loop carrying (dh, dc) only; weight gradients as single matmuls after the loop.
 
     Everything that does not depend on the incoming gradient is computed for all steps at once before the
     loop, so each step is: dh += dh_out; dm = dh (@ W_p^T); dc += dm * o * (1 - tanh(c)^2);
@@ -208,20 +216,23 @@ def _fused_bwd(feature_major, residuals, cotangents):
     w_rec_t = lay.weight(w_hh, transpose=True)
     w_proj_t = None if w_p is None else lay.weight(w_p, transpose=True)
 
-    def body(carry, inputs):
-        dh, dc, dgates_all = carry
-        t, dc_dm_t, q_t, f_t = inputs
-        dh = dh + lay.step_in(_at(dhs, t))     # gradient reaching h_t: from the output and from step t+1
+    def body(carry):
+        n, dh, dc, dgates_all, dh_steps = carry
+        t = steps - 1 - n                       # backwards through time
+        dh = dh + lay.step_in(_at(dhs, t))      # gradient reaching h_t: from the output and from step t+1
         dm = dh if w_p is None else lay.times(dh, w_proj_t)
-        dc = dc + dm * dc_dm_t
-        dgates = lay.flat_gates(jnp.stack([dc, dc, dc, dm], axis=lay.gate_axis) * q_t)
+        dc = dc + dm * _at(dc_dm, t, axis=0)
+        dgates = lay.flat_gates(jnp.stack([dc, dc, dc, dm], axis=lay.gate_axis) * _at(q, t, axis=0))
         dgates_all = _put(dgates_all, lay.step_out(dgates), t)
-        return (lay.times(dgates, w_rec_t), dc * f_t, dgates_all), None if w_p is None else lay.step_out(dh)
+        if w_p is not None:
+            dh_steps = _put(dh_steps, lay.step_out(dh), t, axis=0)
+        return n + 1, lay.times(dgates, w_rec_t), dc * _at(f, t, axis=0), dgates_all, dh_steps
 
-    steps = jnp.arange(hs.shape[1])
+    steps = hs.shape[1]
     dgates = jnp.zeros(hs.shape[:2] + w_hh.shape[-1:], hs.dtype)                       # [B, T, 4H]
-    (dh0, dc0, dgates), dh_steps = jax.lax.scan(
-        body, (lay.step_in(dh_last), lay.step_in(dc_last), dgates), (steps, dc_dm, q, f), reverse=True)
+    dh_steps = None if w_p is None else jnp.zeros((steps,) + dh_last.shape, hs.dtype)   # [T, B, P]
+    _, dh0, dc0, dgates, dh_steps = _loop(
+        body, (0, lay.step_in(dh_last), lay.step_in(dc_last), dgates, dh_steps), steps)
     h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)                         # [B, T, P]
     dw_hh = _flat(h_prev).T @ _flat(dgates)
     if w_p is None:
@@ -232,14 +243,24 @@ def _fused_bwd(feature_major, residuals, cotangents):
     return dgates, dw_hh, dw_p, lay.step_out(dh0), lay.step_out(dc0)
 
 
-def _at(x, t):
-    """x [B, T, F] at step t -> [B, F]."""
-    return jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
+def _loop(body, carry, steps: int):
+    """carry = body(carry) `steps` times; carry[0] is the step counter, starting at 0.
+
+    A plain while loop rather than `lax.scan` (the custom VJP never differentiates it): its counter is the
+    only per-step scalar work, where a scan over `jnp.arange` added a gather of the step index per step.
+    """
+    return jax.lax.while_loop(lambda c: c[0] < steps, body, carry)
 
 
-def _put(x, value, t):
-    """x [B, T, F] with step t set to value [B, F] (in place inside a loop)."""
-    return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=1)
+def _at(x, t, axis: int = 1):
+    """x [B, T, F] at step t (0 <= t < T) -> [B, F]; axis=0 for a time-major x."""
+    return jax.lax.dynamic_index_in_dim(x, t, axis=axis, keepdims=False, allow_negative_indices=False)
+
+
+def _put(x, value, t, axis: int = 1):
+    """x [B, T, F] with step t (0 <= t < T) set to value [B, F] (in place inside a loop); axis=0 for a
+    time-major x."""
+    return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=axis, allow_negative_indices=False)
 
 
 def _flat(x):
