@@ -5,8 +5,8 @@ and the rest) rather than leaf by leaf: XLA then emits a handful of kernels for 
 several per parameter array (GPT tiny's step: 410 fusions before, 243 after), which cuts compile time,
 cache-load time and tracing.  Arrays of LARGE_LEAF elements or more stay arrays of their own: concatenating
 them (params and gradients, every step) costs more than the few kernels of their own update.  Under fsdp each
-parameter keeps its own shards, so the update stays per leaf there.  Checkpoints always hold the per-leaf form (:meth:`Optimizer.to_checkpoint`), whatever the layout at run
-time.
+parameter keeps its own shards, so the update stays per leaf there.  Checkpoints always hold the per-leaf form
+(:meth:`Optimizer.to_checkpoint`), whatever the layout at run time.
 """
 
 from __future__ import annotations
