@@ -44,6 +44,7 @@ import types
 import jax
 import numpy as np
 from flax import nnx
+from jax.extend import core as jex_core
 
 from jaxlm import config as config_lib
 from jaxlm import data, models, parallel, perf
@@ -234,7 +235,6 @@ def matmul_flops(jaxpr) -> float:
 
 def _while_trip_count(eqn) -> int:
     """Trip count of `while` carry[0] < N with carry[0] starting at a literal and stepped by 1; 1 if not so."""
-    from jax.extend import core as jex_core
     cond_n, body_n = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     cond, body = eqn.params["cond_jaxpr"].jaxpr, eqn.params["body_jaxpr"].jaxpr
     init = eqn.invars[cond_n + body_n]

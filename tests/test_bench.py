@@ -33,6 +33,25 @@ def test_matmul_flops_counts_scan_bodies_length_times_and_the_larger_cond_branch
     assert bench.matmul_flops(jax.make_jaxpr(jax.grad(lambda w: f(w, xs, True)))(w)) == 3 * (t + 2) * one
 
 
+def test_matmul_flops_counts_a_counted_while_loop_trip_count_times_and_any_other_once():
+    b, h, n = 3, 5, 6
+    w, x0 = jnp.ones((h, h)), jnp.ones((b, h))
+    one = 2 * b * h * h
+
+    def counted(w, x):     # counter from 0, + 1, while below n: the fused LSTM's loops
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] @ w), (0, x))[1]
+
+    def data_dependent(w, x):   # no static trip count: the body counts once
+        return jax.lax.while_loop(lambda c: c.sum() < 1e6, lambda c: c @ w, x)
+
+    def strided(w, x):     # stepped by 2: not a recognised counter, counts once
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 2, c[1] @ w), (0, x))[1]
+
+    assert bench.matmul_flops(jax.make_jaxpr(counted)(w, x0)) == n * one
+    assert bench.matmul_flops(jax.make_jaxpr(data_dependent)(w, x0)) == one
+    assert bench.matmul_flops(jax.make_jaxpr(strided)(w, x0)) == one
+
+
 def _step_flops(shape, seq_len=32, batch=2):
     config = bench.shape_config(shape)
     config.data.seq_len, config.train.batch_size = seq_len, batch

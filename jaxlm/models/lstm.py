@@ -215,6 +215,7 @@ def _fused_bwd(feature_major, residuals, cotangents):
                   axis=lay.gate_axis)
     w_rec_t = lay.weight(w_hh, transpose=True)
     w_proj_t = None if w_p is None else lay.weight(w_p, transpose=True)
+    steps = hs.shape[1]
 
     def body(carry):
         n, dh, dc, dgates_all, dh_steps = carry
@@ -228,7 +229,6 @@ def _fused_bwd(feature_major, residuals, cotangents):
             dh_steps = _put(dh_steps, lay.step_out(dh), t, axis=0)
         return n + 1, lay.times(dgates, w_rec_t), dc * _at(f, t, axis=0), dgates_all, dh_steps
 
-    steps = hs.shape[1]
     dgates = jnp.zeros(hs.shape[:2] + w_hh.shape[-1:], hs.dtype)                       # [B, T, 4H]
     dh_steps = None if w_p is None else jnp.zeros((steps,) + dh_last.shape, hs.dtype)   # [T, B, P]
     _, dh0, dc0, dgates, dh_steps = _loop(

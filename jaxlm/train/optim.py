@@ -58,11 +58,12 @@ class ParamGroups(NamedTuple):
 
     decayed: jax.Array   # every matrix below LARGE_LEAF elements, raveled and concatenated
     other: jax.Array     # biases, norm scales and other vectors below LARGE_LEAF elements
-    large: tuple = ()    # the arrays of LARGE_LEAF elements or more
+    large: tuple         # the arrays of LARGE_LEAF elements or more, as they are
 
 
 def to_groups(tree) -> ParamGroups:
-    """Ravel and concatenate the leaves of `tree` into its groups (NumPy in, NumPy out; traced otherwise)."""
+    """Ravel and concatenate the leaves of `tree` into its two vectors, keep its large arrays as they are (NumPy
+    in, NumPy out; traced otherwise)."""
     leaves = jax.tree.leaves(tree)
     if len({x.dtype for x in leaves}) > 1:   # concatenating would silently promote
         dtypes = sorted({str(x.dtype) for x in leaves})
