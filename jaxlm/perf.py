@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 
@@ -140,6 +141,54 @@ def peak_flops(dtype: str = "float32", *, remeasure: bool = False) -> float:
 
 
 def global_peak_flops(dtype: str = "float32") -> float:
-    """The MFU denominator of a run: the peak of this process's devices times the number of processes (every
-    process runs the same devices).  Tokens/s and FLOPs per token count the global batch, so the peak must too."""
-    return peak_flops(dtype) * jax.process_count()
+    """The MFU denominator of a run: the peak of every device in it (tokens/s and FLOPs per token count the global
+    batch, so the peak must too).
+
+    GPUs and TPUs belong to one process each, so every process's peak counts.  CPU processes on one machine share
+    its cores, and each one's peak (measured with its devices busy) is already the whole machine's: the machine
+    counts once, with the peak of its first process, which measures it (if uncached) while the others on that
+    machine wait.  Summing per-process peaks there counted a two-process run on one host twice.
+    """
+    if jax.process_count() == 1:
+        return peak_flops(dtype)
+    return _sum_over_run(dtype)
+
+
+# How long a process waits for a peer's machine id or peak (a first measurement takes a few seconds).
+PEER_PEAK_TIMEOUT_S = 600
+
+
+def machine_id() -> str:
+    """What identifies the cores this process runs on: the kernel's boot id (the same in every container of one
+    host) or, without it, the host name; plus the CPU affinity set (processes pinned to disjoint cores do not
+    share them)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            host = f.read().strip()
+    except OSError:
+        host = socket.gethostname()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return f"{host}/{','.join(map(str, cores))}"
+
+
+def peak_holders(ids: list[str]) -> list[int]:
+    """The processes whose peaks make the run's peak, given each process's id (its machine id on CPU, a unique
+    id per process on accelerators): the first process of each distinct id."""
+    first: dict[str, int] = {}
+    for process, ident in enumerate(ids):
+        first.setdefault(ident, process)
+    return sorted(first.values())
+
+
+def _sum_over_run(dtype: str) -> float:
+    """Exchange ids and peaks through jax.distributed's key-value store and sum the peak holders' peaks."""
+    from jax._src import distributed
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    ident = machine_id() if jax.devices()[0].platform == "cpu" else f"process {me}"
+    prefix, timeout_ms = f"jaxlm/peak/{dtype}", PEER_PEAK_TIMEOUT_S * 1000
+    client.key_value_set(f"{prefix}/id/{me}", ident, allow_overwrite=True)
+    holders = peak_holders([client.blocking_key_value_get(f"{prefix}/id/{p}", timeout_ms) for p in range(n)])
+    if me in holders:
+        client.key_value_set(f"{prefix}/flops/{me}", repr(peak_flops(dtype)), allow_overwrite=True)
+    return sum(float(client.blocking_key_value_get(f"{prefix}/flops/{p}", timeout_ms)) for p in holders)

@@ -190,9 +190,40 @@ def test_the_matmul_peak_counts_every_local_device(tmp_path):
     assert peak == pytest.approx(flops / 0.5)
 
 
-def test_a_run_divides_by_every_process_peak(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(perf, "_PEAK_CACHE", {})
-    perf.record_peak("float32", 300e9)
-    monkeypatch.setattr(perf.jax, "process_count", lambda: 4)
-    assert perf.global_peak_flops("float32") == 4 * 300e9
+def test_a_machine_counts_once_and_every_accelerator_process_counts():
+    # CPU ids: processes on one machine (same id) share its cores; accelerator ids are unique per process
+    assert perf.peak_holders(["m/0,1", "m/0,1"]) == [0]
+    assert perf.peak_holders(["a/0-7", "b/0-7", "a/0-7", "b/0-7"]) == [0, 1]
+    assert perf.peak_holders(["m/0", "m/1"]) == [0, 1]            # pinned to disjoint cores: not shared
+    assert perf.peak_holders([f"process {p}" for p in range(4)]) == [0, 1, 2, 3]
+
+
+_RUN_PEAK_WORKER = """
+import sys
+import jax
+from jaxlm import perf
+me, port, machines = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=me)
+if machines == "two":
+    perf.machine_id = lambda: f"host{me}/0,1"
+perf.record_peak("float32", (300e9, 100e9)[me])   # each process's own cache (JAXLM_CACHE_DIR) holds its peak
+print(perf.global_peak_flops("float32"))
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("machines, expected", [("one", 300e9), ("two", 400e9)])
+def test_a_multi_process_run_sums_the_peak_of_each_machine(tmp_path, machines, expected):
+    # two processes on this host share its cores: the run's peak is the machine's (process 0's), not the sum
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from launch_local import free_port
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN_PEAK_WORKER, str(me), port, machines],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                                       JAXLM_CACHE_DIR=str(tmp_path / str(me))))
+             for me in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert float(out.split()[-1]) == expected
