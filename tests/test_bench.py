@@ -152,6 +152,19 @@ def test_vs_torch_skips_cleanly_without_the_peer_scripts(tmp_path):
     assert "Skipping" in r.stdout
 
 
+def test_the_table_shows_compile_and_first_step_times_apart():
+    row = {"name": "m", "params": 1000, "flops_per_token": 2e6, "flops_per_token_xla": 3e6,
+           "flops_per_token_jaxpr": 2.5e6, "tokens_per_sec": 5000.0, "step_ms_median": 40.0, "peak_rss_mb": 600.0,
+           "minor_faults_per_step": 12.0, "mfu": 0.25,
+           "compile_cold": {"compile_s": 1.25, "first_step_s": 1.75},
+           "compile_cached": {"compile_s": 0.13, "first_step_s": 0.37}}
+    header, _, line = bench.markdown_table([row]).splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+    assert cells["compile s cold / cached"] == "1.25 / 0.13"
+    assert cells["first step s cold / cached"] == "1.75 / 0.37"
+    assert cells["MFLOP/token formula / XLA / jaxpr"] == "2.00 / 3.00 / 2.50" and cells["MFU"] == "0.25"
+
+
 def test_the_cached_peak_only_ever_rises(tmp_path, monkeypatch):
     # a measurement taken while other jobs load the machine must not lower the MFU denominator
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
