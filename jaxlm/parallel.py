@@ -76,7 +76,7 @@ class DataParallel:
     def __init__(self, strategy: str, train_step, eval_step, *, fsdp: int = 1, devices=None,
                  step_cache_key: str | None = None):
         self.strategy = strategy
-        self.step_cache_key = step_cache_key   # set: load/store the traced jit train step (step_cache.py)
+        self.step_cache_key = step_cache_key   # set: load/store the traced jit train and eval steps (step_cache.py)
         self.fsdp = int(fsdp)
         self.devices = list(jax.devices() if devices is None else devices)
         self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
@@ -92,8 +92,7 @@ class DataParallel:
             self.replicated = NamedSharding(self.mesh, P())
             self.sharded = NamedSharding(self.mesh, P(BATCH_AXES))   # batch rows over every device
             self._train_step, self._eval_step = train_step, eval_step
-            self._train = None   # jitted on first use, when the state's sharding tree is known
-            self._eval = jax.jit(eval_step)
+            self._train = self._eval = None   # jitted on first use (train: when the state's shardings are known)
 
     @property
     def num_devices(self) -> int:
@@ -157,8 +156,8 @@ class DataParallel:
     def train_step(self, state, batch):
         """(state, metrics); metrics are replicated scalars (on this process's first device under pmap)."""
         if self._train is None:
-            directory = step_cache.cache_dir()
-            if self.step_cache_key is not None and directory and jax.process_count() == 1:
+            directory = self._step_cache_dir()
+            if directory:
                 self._train = step_cache.cached_train_step(
                     self._train_step, state, batch, key=self.step_cache_key, directory=directory,
                     state_shardings=self.state_shardings(state), replicated=self.replicated)
@@ -170,8 +169,18 @@ class DataParallel:
 
     def eval_step(self, state, batch, carry=None):
         """(sums, new_carry); carry is laid out like state.carry (use `place_carry` for a fresh one)."""
+        if self._eval is None:   # jit (pmap's is built in __init__)
+            directory = self._step_cache_dir()
+            self._eval = (step_cache.cached_eval_step(self._eval_step, key=self.step_cache_key, directory=directory)
+                          if directory else jax.jit(self._eval_step))
         sums, carry = self._eval(state.params, batch, carry)
         return (_first_replica(sums) if self.strategy == "pmap" else sums), carry
+
+    def _step_cache_dir(self) -> str | None:
+        """Where the jit steps' traced programs are stored (step_cache.py), or None: no key given, JAX's
+        persistent cache off, or a multi-process run."""
+        directory = step_cache.cache_dir()
+        return directory if self.step_cache_key is not None and directory and jax.process_count() == 1 else None
 
     def params(self, state):
         """The parameters as host numpy (for sampling and analysis)."""

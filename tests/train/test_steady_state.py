@@ -2,11 +2,13 @@
 retrace of the train or eval step, of sampling, of the checkpoint transfer), and between two metric fetches
 the step loop reads no device value (a read waits for the device: the host would stop queueing steps)."""
 
+import os
+
 import jax
 import pytest
 from jax._src import array as jax_array   # ArrayImpl._value: every device-to-host read goes through it
 
-from jaxlm import config as config_lib, parallel
+from jaxlm import config as config_lib, parallel, step_cache
 from jaxlm.bench import COMPILE_EVENTS
 from jaxlm.train import loop
 
@@ -26,9 +28,12 @@ def _config(model: str, corpus: str):
     return c
 
 
-@pytest.mark.parametrize("model", ["gpt", "lstm", "bert"])
-def test_after_the_first_eval_and_save_nothing_compiles_and_steps_are_not_waited_for(model, corpus, tmp_path,
-                                                                                     monkeypatch):
+@pytest.mark.parametrize("model, stored_steps", [("gpt", False), ("lstm", False), ("bert", False), ("gpt", True),
+                                                  ("lstm", True)])
+def test_after_the_first_eval_and_save_nothing_compiles_and_steps_are_not_waited_for(model, stored_steps, corpus,
+                                                                                     tmp_path, monkeypatch):
+    if stored_steps:   # the train and eval steps go through step_cache.py, as with launch.py's compilation cache
+        monkeypatch.setattr(step_cache, "cache_dir", lambda: str(tmp_path / "steps"))
     timeline = []   # ("compile", event), ("step", n) as train step n is queued, ("read",), ("save", n)
 
     def on_event(event, duration_secs, **_):
@@ -62,6 +67,9 @@ def test_after_the_first_eval_and_save_nothing_compiles_and_steps_are_not_waited
         jax.monitoring.unregister_event_duration_listener(on_event)
 
     assert metrics["train/steps_trained"] == STEPS
+    if stored_steps:
+        stored = {name.split("-")[0] for name in os.listdir(tmp_path / "steps")}
+        assert stored == {"train_step", "eval_step"}, stored
     saves = [i for i, (kind, *_) in enumerate(timeline) if kind == "save"]
     assert [timeline[i][1] for i in saves] == [4, 8, 12, 13]
     assert any(kind == "compile" for kind, *_ in timeline[:saves[0]])   # the listener sees the first compile

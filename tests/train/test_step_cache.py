@@ -5,8 +5,9 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
-from jaxlm import step_cache
+from jaxlm import models, step_cache
 from tests import parallel_worker as worker
 
 
@@ -54,6 +55,45 @@ def test_a_stored_step_is_loaded_without_tracing_and_matches_plain_jit(tmp_path)
     for a, b, c in zip(ref_state, state, state2):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(c, b)                     # stored and loaded: one program
+
+
+def _cached_eval(dp, directory, key, traces):
+    def counting_eval(params, batch, carry):
+        traces.append(1)
+        return dp._eval_step(params, batch, carry)
+    return step_cache.cached_eval_step(counting_eval, key=key, directory=directory)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.name": "lstm", "model.hidden_size": 16, "model.d_model": 8,
+                                            "train.stateful": True}], ids=["gpt", "stateful_lstm"])
+def test_a_stored_eval_step_is_loaded_without_tracing_and_matches_plain_jit(tmp_path, overrides):
+    config, dp, host_state, batches = _setup(**overrides)
+    state = dp.place_state(host_state)
+    carry0 = None
+    if config.train.stateful:   # evaluation carries the recurrent state from batch to batch
+        model = models.build_model(config.model, worker.VOCAB, 0)
+        carry0 = dp.place_carry(jax.tree.map(np.asarray, model.initial_carry(config.train.batch_size)))
+
+    def evaluate(eval_step):
+        carry, out = carry0, []
+        for batch in batches:
+            sums, carry = eval_step(state.params, batch, carry)
+            out.append(jax.tree.map(np.asarray, (sums, carry)))
+        return out
+
+    ref = evaluate(jax.jit(dp._eval_step))
+    traces = []
+    first = evaluate(_cached_eval(dp, str(tmp_path), "k", traces))
+    stored = sorted(os.listdir(tmp_path))
+    assert traces and len(traces) == len(stored) and all(n.startswith("eval_step-") for n in stored)
+    again = evaluate(_cached_eval(dp, str(tmp_path), "k", traces))
+    assert len(traces) == len(stored)                           # loaded: the Python step was not traced
+    assert (carry0 is None) == (ref[-1][1] is None)
+    for want, got, got_again in zip(ref, first, again):
+        for a, b, c in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(got_again)):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(c, b)
+    assert not np.allclose(first[0][0]["loss"], first[1][0]["loss"])  # two batches, two sums
 
 
 def test_key_shapes_and_config_select_the_entry(tmp_path):
