@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""A/B speed levers on one benchmark shape, alternating variants in fresh processes (A B C A B C ...).
+"""A/B speed levers on one benchmark shape, alternating variants in fresh processes
+(A B C, then C B A, A B C, ...: a machine drifting during the rounds favours no variant).
 
 Each run is the timing child of `--mode=bench` (``python -m jaxlm.bench measure``: the real train step,
 medians after warm-up) on a fresh compilation cache.  A variant is a name and settings: KEY=VALUE with a
@@ -21,7 +22,9 @@ timing child is ``python -m jaxlm.bench``, which would otherwise import jaxlm fr
       --variant='candidate PYTHONPATH=/tmp/candidate'
 
 Prints per-round tokens/s and, per variant, the median over rounds of (variant / first variant) in the
-same round: on a shared, noisy machine only such paired ratios mean something.  The CPU-time ratio (the
+same round, each round's ratio and in how many rounds the variant was faster: on a shared, noisy machine only
+such paired ratios mean something, and only when most rounds agree (this VM has shown six pairs in a row
+agreeing on a difference that the next pairs reversed).  The CPU-time ratio (the
 process's own CPU seconds per step, first variant / variant) is steadier when other processes load the
 machine, but misses time lost to waiting (e.g. thread hand-offs).
 """
@@ -83,6 +86,33 @@ def run_variant(shape: str, env_changes: dict, overrides: dict, workdir: str) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def round_order(variants: list, r: int) -> list:
+    """The run order of round r: as given in even rounds, reversed in odd ones (A B C, C B A, ...), so a machine
+    that speeds up or slows down during the rounds favours no variant in the paired ratios."""
+    return list(variants) if r % 2 == 0 else list(variants)[::-1]
+
+
+def summary_table(variants: list, runs: dict) -> list[str]:
+    """Markdown rows: per variant the medians over rounds, the paired ratio to the first variant (median of the
+    per-round ratios, which are listed too) and in how many rounds it was faster than the first."""
+    base = runs[variants[0][0]]
+    rows = ["| variant | settings | tokens/s | step ms | CPU ms/step | faults/step | peak RSS MB | first step s (cold) "
+            "| ratio | per round | faster in | CPU-time ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, env, overrides in variants:
+        mine = runs[name]
+        ratios = [x["tokens_per_sec"] / y["tokens_per_sec"] for x, y in zip(mine, base)]
+        cpu_ratio = statistics.median(y["cpu_ms_per_step"] / x["cpu_ms_per_step"] for x, y in zip(mine, base))
+        settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
+        med = lambda key: statistics.median(x[key] for x in mine)   # noqa: E731
+        rows.append(f"| {name} | `{settings}` | {med('tokens_per_sec'):,.0f} | {med('step_ms_median'):.1f} | "
+                    f"{med('cpu_ms_per_step'):.0f} | {med('minor_faults_per_step'):,.0f} | {med('peak_rss_mb'):,.0f} | "
+                    f"{statistics.median(x['compile']['first_step_s'] for x in mine):.2f} | "
+                    f"{statistics.median(ratios):.3f} | {' / '.join(f'{q:.2f}' for q in ratios)} | "
+                    f"{sum(q > 1 for q in ratios)}/{len(ratios)} | {cpu_ratio:.3f} |")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="gpt_small")
@@ -94,29 +124,15 @@ def main():
     runs = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory(prefix="jaxlm-ab-") as tmp:
         for r in range(a.rounds):
-            for name, env, overrides in variants:
+            for name, env, overrides in round_order(variants, r):
                 res = run_variant(a.shape, env, overrides, os.path.join(tmp, name))
                 runs[name].append(res)
                 print(f"round {r + 1} {name:>12}: {res['tokens_per_sec']:9,.0f} tok/s  "
                       f"{res['step_ms_median']:7.1f} ms  faults/step {res['minor_faults_per_step']:8,.0f}  "
                       f"other load {res['other_cpu_frac']:.2f}", file=sys.stderr, flush=True)
-    base = variants[0][0]
-    print(f"\n{a.shape}, {a.rounds} rounds (median tokens/s; ratio = median over rounds of variant/{base})\n")
-    print("| variant | settings | tokens/s | step ms | CPU ms/step | faults/step | peak RSS MB | first step s (cold) "
-          "| ratio | CPU-time ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, env, overrides in variants:
-        tps = [x["tokens_per_sec"] for x in runs[name]]
-        ratio = statistics.median(x / y["tokens_per_sec"] for x, y in zip(tps, runs[base]))
-        cpu_ratio = statistics.median(y["cpu_ms_per_step"] / x["cpu_ms_per_step"] for x, y in zip(runs[name], runs[base]))
-        settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
-        print(f"| {name} | `{settings}` | {statistics.median(tps):,.0f} | "
-              f"{statistics.median(x['step_ms_median'] for x in runs[name]):.1f} | "
-              f"{statistics.median(x['cpu_ms_per_step'] for x in runs[name]):.0f} | "
-              f"{statistics.median(x['minor_faults_per_step'] for x in runs[name]):,.0f} | "
-              f"{statistics.median(x['peak_rss_mb'] for x in runs[name]):,.0f} | "
-              f"{statistics.median(x['compile']['first_step_s'] for x in runs[name]):.2f} | {ratio:.3f} | "
-              f"{cpu_ratio:.3f} |")
+    print(f"\n{a.shape}, {a.rounds} rounds (median tokens/s; ratio = median over rounds of variant/"
+          f"{variants[0][0]} in the same round)\n")
+    print("\n".join(summary_table(variants, runs)))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(runs, f, indent=1)

@@ -165,6 +165,29 @@ def test_the_table_shows_compile_and_first_step_times_apart():
     assert cells["MFLOP/token formula / XLA / jaxpr"] == "2.00 / 3.00 / 2.50" and cells["MFU"] == "0.25"
 
 
+def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import ab
+    variants = [ab.parse_variant("base"), ab.parse_variant("new model.gelu_approximate=True"),
+                ab.parse_variant("env XLA_FLAGS=--x")]
+    assert variants[1] == ("new", {}, {"model.gelu_approximate": "True"}) and variants[2][1] == {"XLA_FLAGS": "--x"}
+    assert [v[0] for v in ab.round_order(variants, 0)] == ["base", "new", "env"]
+    assert [v[0] for v in ab.round_order(variants, 1)] == ["env", "new", "base"]   # reversed: drift cancels
+
+    def run(tps, cpu):
+        return {"tokens_per_sec": tps, "step_ms_median": 1e3 / tps, "cpu_ms_per_step": cpu,
+                "minor_faults_per_step": 5.0, "peak_rss_mb": 100.0, "compile": {"first_step_s": 1.0}}
+    runs = {"base": [run(100, 10), run(200, 10), run(100, 10)],
+            "new": [run(110, 8), run(180, 10), run(130, 5)],
+            "env": [run(100, 10), run(200, 10), run(100, 10)]}
+    header, _, base_row, new_row, env_row = ab.summary_table(variants, runs)
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in new_row.split("|")]))
+    assert cells["per round"] == "1.10 / 0.90 / 1.30" and cells["ratio"] == "1.100"   # median of the paired ratios
+    assert cells["faster in"] == "2/3" and cells["CPU-time ratio"] == "1.250"       # median of 10/8, 10/10, 10/5
+    assert cells["tokens/s"] == "130" and cells["settings"] == "`model.gelu_approximate=True`"
+    assert "| 1.000 | 1.00 / 1.00 / 1.00 | 0/3 |" in env_row
+
+
 def test_the_cached_peak_only_ever_rises(tmp_path, monkeypatch):
     # a measurement taken while other jobs load the machine must not lower the MFU denominator
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
