@@ -171,8 +171,10 @@ class DataParallel:
         """(sums, new_carry); carry is laid out like state.carry (use `place_carry` for a fresh one)."""
         if self._eval is None:   # jit (pmap's is built in __init__)
             directory = self._step_cache_dir()
-            self._eval = (step_cache.cached_eval_step(self._eval_step, key=self.step_cache_key, directory=directory)
-                          if directory else jax.jit(self._eval_step))
+            out_shardings = (self.replicated, self.sharded)   # sums; the carry's rows split like the batch's
+            self._eval = (step_cache.cached_eval_step(self._eval_step, key=self.step_cache_key, directory=directory,
+                                                      out_shardings=out_shardings)
+                          if directory else jax.jit(self._eval_step, out_shardings=out_shardings))
         sums, carry = self._eval(state.params, batch, carry)
         return (_first_replica(sums) if self.strategy == "pmap" else sums), carry
 

@@ -157,12 +157,14 @@ def cached_train_step(step: Callable, state, batch, *, key: str, directory: str,
     return cached_step
 
 
-def cached_eval_step(step: Callable, *, key: str, directory: str) -> Callable:
+def cached_eval_step(step: Callable, *, key: str, directory: str, out_shardings=None) -> Callable:
     """jit(step) for step(params, batch, carry) -> (sums, carry), each argument signature's traced program
     loaded from `directory` when stored (a relaunch's first evaluation skips tracing the model too).
 
     The parameters' tree is passed flat (jax.export serializes dicts, lists, tuples and None, not nnx.State);
-    batch, carry, sums and the new carry are such containers already.  Same results as ``jax.jit(step)``.
+    batch, carry, sums and the new carry are such containers already.  Same results as
+    ``jax.jit(step, out_shardings=out_shardings)``; give the carry its input's sharding there, so that the
+    next batch's call has the same signature (a stored program per signature).
     """
     programs: dict = {}
 
@@ -175,7 +177,8 @@ def cached_eval_step(step: Callable, *, key: str, directory: str) -> Callable:
             params_def = jax.tree.structure(params)
             programs[signature] = _stored_program(
                 os.path.join(directory, f"eval_step-{entry_key(key, params, batch, carry)}.jaxexport"),
-                jax.jit(lambda p, b, c: step(jax.tree.unflatten(params_def, p), b, c)), (leaves, batch, carry))
+                jax.jit(lambda p, b, c: step(jax.tree.unflatten(params_def, p), b, c), out_shardings=out_shardings),
+                (leaves, batch, carry), out_shardings=out_shardings)
         return programs[signature](leaves, batch, carry)
     return cached_eval
 
