@@ -5,7 +5,8 @@ model and optimizer in Python and lowering them to StableHLO: on GPT small that 
 start.  This cache keeps the step as a serialized `jax.export.Exported` in ``<compilation cache>/jaxlm-steps/``,
 under a key made of everything the traced program depends on: jaxlm's source files and those of any other
 imported module that is not an installed package (an experiment file, a user's model), the versions of jax,
-jaxlib, flax and optax, the jax flags that change tracing, the caller's key (the config and vocabulary), and
+jaxlib, flax and optax, the jax flags that change tracing, the caller's key (the config, but for the keys that
+cannot change the program, such as the seed: UNTRACED_KEYS; and the vocabulary), and
 the tree structure, shapes, dtypes and shardings of the arguments.  A miss traces once (as without the cache)
 and writes the entry; an unreadable entry is ignored and rewritten.  The `MAX_ENTRIES` most recently used
 entries are kept: an edit of the source or a new config makes a new entry, and old ones go.  Used only while
@@ -111,9 +112,24 @@ def _describe(leaves) -> list:
     return out
 
 
+# Config keys the traced train and eval steps cannot depend on: the seed (it draws initial values, which are
+# arguments), the cadence of logging, evaluation, sampling and checkpoints, early stopping (decided on the host)
+# and the analysis settings.  Left out of the key, so runs that differ only there (a study's seeds, another
+# eval_every) share entries; tests/train/test_step_cache.py checks that changing each leaves the program unchanged.
+UNTRACED_KEYS = ("seed", "train.log_every", "train.eval_every", "train.eval_batches", "train.sample_length",
+                 "train.checkpoint_every", "train.keep_checkpoints", "train.stop_at_accuracy", "analysis")
+
+
 def run_key(config, spec) -> str:
-    """The caller's part of the key: the whole config and the tokenizer's ids the step uses."""
-    return json.dumps({"config": config.to_dict(), "vocab_size": spec.vocab_size, "mask_id": spec.mask_id,
+    """The caller's part of the key: the config but its UNTRACED_KEYS, and the tokenizer's ids the step uses."""
+    traced = config.to_dict()
+    for dotted in UNTRACED_KEYS:
+        *path, leaf = dotted.split(".")
+        section = traced
+        for name in path:
+            section = section.get(name, {})
+        section.pop(leaf, None)
+    return json.dumps({"config": traced, "vocab_size": spec.vocab_size, "mask_id": spec.mask_id,
                        "special_ids": list(spec.special_ids)}, sort_keys=True, default=str)
 
 

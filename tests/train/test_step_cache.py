@@ -111,6 +111,42 @@ def test_key_shapes_and_config_select_the_entry(tmp_path):
     assert step_cache.run_key(c1, spec) != step_cache.run_key(c2, spec)
 
 
+def _programs(config):
+    """The lowered train and eval steps of `config` (StableHLO text, no source locations)."""
+    dp, host_state, _ = worker.build(config, devices=jax.devices()[:1])
+    state, batch = dp.place_state(host_state), dp.place_batch(worker.batches(config, steps=1)[0])
+    return (jax.jit(dp._train_step).lower(state, batch).as_text(),
+            jax.jit(dp._eval_step).lower(state.params, batch, None).as_text())
+
+
+def test_the_keys_left_out_of_the_key_cannot_change_the_traced_steps():
+    """Runs that differ only in UNTRACED_KEYS share stored steps; that is safe only if those keys cannot change
+    what is traced, so each is changed here and the lowered train and eval steps must stay the same."""
+    changed = {"seed": 7, "train.log_every": 3, "train.eval_every": 5, "train.eval_batches": 2,
+               "train.sample_length": 9, "train.checkpoint_every": 4, "train.keep_checkpoints": 1,
+               "train.stop_at_accuracy": 0.5, "analysis.num_windows": 8}
+    untraced = [k for k in step_cache.UNTRACED_KEYS if k != "analysis"] + ["analysis.num_windows"]
+    assert sorted(changed) == sorted(untraced)   # every key left out is checked
+    base, base_key = _programs(worker.tiny_config()), step_cache.run_key(worker.tiny_config(), worker.tokenizer())
+    for key, value in changed.items():
+        config = _tiny_config_with(key, value)
+        assert _programs(config) == base, key
+        assert step_cache.run_key(config, worker.tokenizer()) == base_key, key   # so they share the entry
+    # the comparison can fail: keys that are traced change the program (and the key)
+    for key, value in {"optim.learning_rate": 1e-4, "train.steps": 50, "model.dropout": 0.1}.items():
+        config = _tiny_config_with(key, value)
+        assert _programs(config)[0] != base[0], key
+        assert step_cache.run_key(config, worker.tokenizer()) != base_key, key
+
+
+def _tiny_config_with(key: str, value):
+    config = worker.tiny_config()
+    *path, leaf = key.split(".")
+    section = config[path[0]] if path else config
+    section[leaf] = value
+    return config
+
+
 def test_an_unreadable_entry_is_traced_again_and_rewritten(tmp_path, caplog):
     _, dp, host_state, batches = _setup()
     state = dp.place_state(host_state)
