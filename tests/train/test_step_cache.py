@@ -124,8 +124,10 @@ def test_the_keys_left_out_of_the_key_cannot_change_the_traced_steps():
     what is traced, so each is changed here and the lowered train and eval steps must stay the same."""
     changed = {"seed": 7, "train.log_every": 3, "train.eval_every": 5, "train.eval_batches": 2,
                "train.sample_length": 9, "train.checkpoint_every": 4, "train.keep_checkpoints": 1,
-               "train.stop_at_accuracy": 0.5, "analysis.num_windows": 8}
-    untraced = [k for k in step_cache.UNTRACED_KEYS if k != "analysis"] + ["analysis.num_windows"]
+               "train.stop_at_accuracy": 0.5, "analysis.attention_text": "the cat", "analysis.num_sequences": 3,
+               "analysis.num_windows": 8, "analysis.tolerance": 0.5}
+    analysis = [f"analysis.{k}" for k in worker.tiny_config().analysis]
+    untraced = [k for k in step_cache.UNTRACED_KEYS if k != "analysis"] + analysis
     assert sorted(changed) == sorted(untraced)   # every key left out is checked
     base, base_key = _programs(worker.tiny_config()), step_cache.run_key(worker.tiny_config(), worker.tokenizer())
     for key, value in changed.items():
