@@ -63,15 +63,28 @@ def _literal(text: str):
         return text
 
 
-def run_variant(shape: str, env_changes: dict, overrides: dict, workdir: str) -> dict:
-    """One timing child for `shape` with the variant's config overrides and environment."""
+def variant_config(shape: str, overrides: dict):
+    """The config of `shape` with a variant's overrides, validated; UserError (one line) for a bad key or value."""
     from jaxlm import bench, config as config_lib
+    from jaxlm.errors import UserError
     config = bench.shape_config(shape)
     for key, value in overrides.items():
-        section, leaf = key.split(".")
-        config[section][leaf] = type(config[section][leaf])(_literal(value))
+        section, _, leaf = key.partition(".")
+        if section not in config or "." in leaf or leaf not in config[section]:
+            raise UserError(f"unknown config key {key!r} in a --variant; use SECTION.KEY from jaxlm/config.py")
+        default = config[section][leaf]
+        try:
+            config[section][leaf] = type(default)(_literal(value))
+        except (TypeError, ValueError):
+            raise UserError(f"invalid {key}={value!r} in a --variant: must be a {type(default).__name__}") from None
     config_lib.validate(config)
-    config_lib.save(config, workdir)
+    return config
+
+
+def run_variant(shape: str, env_changes: dict, overrides: dict, workdir: str) -> dict:
+    """One timing child for `shape` with the variant's config overrides and environment."""
+    from jaxlm import config as config_lib
+    config_lib.save(variant_config(shape, overrides), workdir)
     env = dict(os.environ, GLIBC_TUNABLES=HUGETLB, PYTHONPATH=ROOT)
     for key, value in env_changes.items():
         if value:
@@ -104,7 +117,9 @@ def summary_table(variants: list, runs: dict) -> list[str]:
         ratios = [x["tokens_per_sec"] / y["tokens_per_sec"] for x, y in zip(mine, base)]
         cpu_ratio = statistics.median(y["cpu_ms_per_step"] / x["cpu_ms_per_step"] for x, y in zip(mine, base))
         settings = " ".join(f"{k}={v}" for k, v in {**env, **overrides}.items()) or "-"
-        med = lambda key: statistics.median(x[key] for x in mine)   # noqa: E731
+
+        def med(key):
+            return statistics.median(x[key] for x in mine)
         rows.append(f"| {name} | `{settings}` | {med('tokens_per_sec'):,.0f} | {med('step_ms_median'):.1f} | "
                     f"{med('cpu_ms_per_step'):.0f} | {med('minor_faults_per_step'):,.0f} | {med('peak_rss_mb'):,.0f} | "
                     f"{statistics.median(x['compile']['first_step_s'] for x in mine):.2f} | "
@@ -120,7 +135,18 @@ def main():
     p.add_argument("--variant", action="append", required=True, help="'NAME [KEY=VALUE ...]' (repeatable)")
     p.add_argument("--out", default="", help="also write all runs as JSON here")
     a = p.parse_args()
+    from jaxlm.errors import UserError
     variants = [parse_variant(v) for v in a.variant]
+    try:   # every variant's config is checked before the first (minutes-long) run
+        if a.rounds < 1:
+            raise UserError(f"invalid --rounds={a.rounds}: must be at least 1")
+        if len({name for name, _, _ in variants}) < len(variants):
+            raise UserError(f"variant names must differ: {[name for name, _, _ in variants]}")
+        for _, _, overrides in variants:
+            variant_config(a.shape, overrides)
+    except UserError as e:
+        print(f"ab.py: error: {e}", file=sys.stderr)
+        return 2
     runs = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory(prefix="jaxlm-ab-") as tmp:
         for r in range(a.rounds):
@@ -136,7 +162,8 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump(runs, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -129,6 +129,8 @@ FOLD_DEFERRED = False
 PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa, "attn_deferred": attn_deferred}
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"}}
+VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, "attn_autodiff", "lstm_autodiff", "lstm_batch_major",
+            "lstm_feature_major", "nnx_linear", "plain_dense")   # what `patched` and `build` know
 
 
 @contextlib.contextmanager
@@ -198,6 +200,14 @@ def main():
     p.add_argument("--block", type=int, default=3, help="steps per variant per round")
     a = p.parse_args()
     names = a.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    problem = (f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}" if unknown else
+               f"unknown --shape={a.shape!r}; choose from {', '.join(bench.SHAPES)}" if a.shape not in bench.SHAPES else
+               f"invalid --rounds={a.rounds} / --block={a.block}: both must be at least 1"
+               if min(a.rounds, a.block) < 1 else None)
+    if problem:   # an unknown name would otherwise be timed as the base code under its own name
+        print(f"levers.py: error: {problem}", file=sys.stderr)
+        return 2
     built = {n: build(a.shape, n) for n in names}
     print("first-step losses (same init and batch => equal up to the variant's function change): "
           + ", ".join(f"{n} {v['loss0']:.5f}" for n, v in built.items()), file=sys.stderr)
@@ -219,7 +229,8 @@ def main():
         cpu_speedup = statistics.median(b / x for b, x in zip(cpu[base], cpu[n]))
         print(f"| {n} | {1e3 * statistics.median(med[n]):.1f} | {1e3 * statistics.median(cpu[n]):.0f} | "
               f"{speedup:.3f} | {cpu_speedup:.3f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -88,6 +88,14 @@ def main():
     p.add_argument("--torch_bench_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "bench"))
     p.add_argument("--out", default="", help="also write every run as JSON here")
     a = p.parse_args()
+    shapes = [s for s in a.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in bench.SHAPES]
+    if unknown or not shapes or a.rounds < 1 or a.torch_steps < 1:
+        problem = (f"unknown --shapes {', '.join(unknown)}; choose from {', '.join(bench.SHAPES)}" if unknown else
+                   "--shapes names none" if not shapes else
+                   f"invalid --rounds={a.rounds} / --torch_steps={a.torch_steps}: both must be at least 1")
+        print(f"vs_torch: error: {problem}", file=sys.stderr)
+        return 2
     if importlib.util.find_spec("torch") is None:
         print("vs_torch: PyTorch is not installed, nothing to compare against "
               "(pip install torch==2.13.0, or pip install -e '.[torch]'). Skipping.")
@@ -95,7 +103,6 @@ def main():
     if not os.path.isfile(os.path.join(a.torch_bench_dir, "torch_gpt.py")):
         print(f"vs_torch: no torch_gpt.py in --torch_bench_dir={a.torch_bench_dir!r}; nothing to compare. Skipping.")
         return 0
-    shapes = [s for s in a.shapes.split(",") if s]
     contenders = ("jaxlm", "torch", "torch+hugetlb")
     runs = {s: {c: [] for c in contenders} for s in shapes}
     with tempfile.TemporaryDirectory(prefix="jaxlm-vs-torch-") as tmp:

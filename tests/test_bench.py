@@ -188,6 +188,23 @@ def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
     assert "| 1.000 | 1.00 / 1.00 / 1.00 | 0/3 |" in env_row
 
 
+@pytest.mark.parametrize("script, args, named", [
+    ("ab.py", ["--shape=gpt_tiny", "--variant=base", "--variant=x model.d_modl=64"], "'model.d_modl'"),
+    ("ab.py", ["--shape=gpt_tiny", "--variant=base", "--variant=x model.d_model=wide"], "model.d_model='wide'"),
+    ("ab.py", ["--shape=gpt_huge", "--variant=base"], "'gpt_huge'"),
+    ("vs_torch.py", ["--shapes=gpt_tiny,lstm_huge"], "lstm_huge"),
+    ("levers.py", ["--shape=gpt_tiny", "--variants=base,tanh_gelue"], "tanh_gelue"),
+], ids=["ab_key", "ab_value", "ab_shape", "vs_torch_shape", "levers_variant"])
+def test_benchmark_scripts_reject_bad_input_in_one_line_before_running(script, args, named):
+    # checked before the first run: an unknown levers variant used to be timed silently as the base code
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "error:" in lines[0] and named in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert "round 1" not in r.stderr + r.stdout    # nothing was run
+
+
 def test_the_cached_peak_only_ever_rises(tmp_path, monkeypatch):
     # a measurement taken while other jobs load the machine must not lower the MFU denominator
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
