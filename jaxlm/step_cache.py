@@ -185,10 +185,9 @@ def cached_eval_step(step: Callable, *, key: str, directory: str, out_shardings=
     programs: dict = {}
 
     def cached_eval(params, batch, carry):
+        arrays, tree = jax.tree.flatten((params, batch, carry))
+        signature = (tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in arrays))
         leaves = jax.tree.leaves(params)
-        arrays = jax.tree.leaves((leaves, batch, carry))
-        signature = (jax.tree.structure((params, batch, carry)),
-                     tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in arrays))
         if signature not in programs:
             params_def = jax.tree.structure(params)
             programs[signature] = _stored_program(

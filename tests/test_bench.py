@@ -14,6 +14,9 @@ from jaxlm import bench, config as config_lib, models, perf
 from jaxlm.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "scripts")]
+import ab  # noqa: E402  (benchmarks/ab.py)
+from launch_local import free_port  # noqa: E402  (scripts/launch_local.py)
 
 
 def test_matmul_flops_counts_scan_bodies_length_times_and_the_larger_cond_branch():
@@ -166,8 +169,6 @@ def test_the_table_shows_compile_and_first_step_times_apart():
 
 
 def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import ab
     variants = [ab.parse_variant("base"), ab.parse_variant("new model.gelu_approximate=True"),
                 ab.parse_variant("env XLA_FLAGS=--x")]
     assert variants[1] == ("new", {}, {"model.gelu_approximate": "True"}) and variants[2][1] == {"XLA_FLAGS": "--x"}
@@ -268,8 +269,6 @@ jax.distributed.shutdown()
 @pytest.mark.parametrize("machines, expected", [("one", 300e9), ("two", 400e9)])
 def test_a_multi_process_run_sums_the_peak_of_each_machine(tmp_path, machines, expected):
     # two processes on this host share its cores: the run's peak is the machine's (process 0's), not the sum
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from launch_local import free_port
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", _RUN_PEAK_WORKER, str(me), port, machines],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
