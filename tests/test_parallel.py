@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -129,7 +130,7 @@ def _strategies_worker(tmp_path_factory):
 def strategies(_strategies_worker):
     proc, out = _strategies_worker
     proc.wait(timeout=400)
-    assert proc.returncode == 0, open(out + ".log").read()[-3000:]
+    assert proc.returncode == 0, pathlib.Path(out + ".log").read_text()[-3000:]
     return dict(np.load(out))
 
 
@@ -260,7 +261,7 @@ def _start(args, env, log: str) -> subprocess.Popen:
 def _finish(procs_and_logs, timeout: float = 300):
     for proc, log in procs_and_logs:
         proc.wait(timeout=timeout)
-        assert proc.returncode == 0, open(log).read()[-3000:]
+        assert proc.returncode == 0, pathlib.Path(log).read_text()[-3000:]
 
 
 def _metrics(workdir: str) -> dict:
@@ -370,6 +371,8 @@ def test_killed_peer_makes_survivor_exit_with_a_clear_message(corpus, tmp_path, 
         for p in procs:
             if p.poll() is None:
                 p.kill()
+            p.wait()
+            p.stderr.close()
     assert elapsed < 120
     if victim == 1:
         assert survivor.returncode == parallel.EXIT_PEER_LOST, err[-2000:]

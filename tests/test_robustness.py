@@ -13,6 +13,7 @@ import glob
 import json
 import ast
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -242,7 +243,7 @@ def _wait_for_training(proc, workdir, timeout=240):
     while True:
         assert proc.poll() is None, "the run ended before it was signalled"
         assert time.time() < deadline, "training never started"
-        if os.path.exists(path) and "train/loss" in open(path).read():
+        if os.path.exists(path) and "train/loss" in pathlib.Path(path).read_text():
             return
         time.sleep(0.01)
 
@@ -274,7 +275,7 @@ def test_sigterm_saves_a_checkpoint_exits_130_and_the_rerun_resumes(tmp_path, co
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in err, err
     step = checkpoint_steps(workdir)[-1]
     assert f"at step {step}" in lines[0]    # saved where it stopped (a periodic save may precede it)
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in pathlib.Path(os.path.join(workdir, "metrics.jsonl")).read_text().splitlines()]
     assert rows[-1]["step"] == step                                   # metrics flushed up to the last step
     assert glob.glob(os.path.join(workdir, "events.out.tfevents*"))
     r = launch(*cmd[:1], f"--config.train.steps={step + 4}", *cmd[2:])   # train.steps may change on resume
@@ -353,7 +354,7 @@ def test_all_checkpoints_unusable_is_exit_2_never_a_fresh_start(tmp_path, common
     _truncate(os.path.join(workdir, "checkpoints", "8"))
     _delete_metadata(os.path.join(workdir, "checkpoints", "4"))
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    metrics_before = pathlib.Path(os.path.join(workdir, "metrics.jsonl")).read_text()
     r = launch(f"--workdir={workdir}", "--config.train.steps=8", *common)
     assert r.returncode == 2, r.stderr
     last = stderr_lines(r)[-1]
@@ -361,7 +362,7 @@ def test_all_checkpoints_unusable_is_exit_2_never_a_fresh_start(tmp_path, common
     assert "--restart" in last, last                                 # says how to start over deliberately
     assert "Traceback" not in r.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
-    assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+    assert pathlib.Path(os.path.join(workdir, "metrics.jsonl")).read_text() == metrics_before
     # --restart is the explicit way out: the old run is set aside, not deleted.
     r = launch(f"--workdir={workdir}", "--config.train.steps=4", "--restart", *common)
     assert r.returncode == 0, r.stderr
@@ -393,7 +394,7 @@ def test_skip_nonfinite_counts_skipped_steps_and_keeps_the_parameters(tmp_path, 
                "--config.optim.grad_clip=0", "--config.train.skip_nonfinite=True",
                "--config.train.keep_checkpoints=4", *common)
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in pathlib.Path(os.path.join(workdir, "metrics.jsonl")).read_text().splitlines()]
     skipped = {row["step"]: row["train/skipped_steps"] for row in rows if "train/skipped_steps" in row}
     assert skipped == {s: s - 1 for s in range(2, 17, 2)}
     step, final = params_of(workdir)
@@ -498,7 +499,7 @@ def test_nothing_is_unpickled_or_evaluated():
     """Static: no pickle-family module, no eval/exec, no np.load/yaml.load/torch.load that could unpickle."""
     problems = []
     for path in _sources():
-        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        tree = ast.parse(pathlib.Path(path).read_text(encoding="utf-8"), path)
         for node in ast.walk(tree):
             where = f"{os.path.relpath(path, ROOT)}:{getattr(node, 'lineno', '?')}"
             if isinstance(node, ast.Import):
@@ -530,7 +531,7 @@ def test_documented_tensorboard_commands_bind_localhost():
         subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in ("runs", "node_modules")]
         for name in files:
             if name.endswith(".md"):
-                text = open(os.path.join(directory, name), encoding="utf-8").read()
+                text = pathlib.Path(os.path.join(directory, name)).read_text(encoding="utf-8")
                 commands += re.findall(r"tensorboard --logdir[^\n`]*", text)
     assert commands, "README documents no TensorBoard command"
     for command in commands:

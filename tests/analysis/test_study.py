@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import os
+import pathlib
 import resource
 import shutil
 
@@ -84,7 +85,7 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
                                 "reproduced (shape only)")
     for name in ("report.md", "sensitivity.png", "recall_accuracy.png", "ablation_drop.png"):
         assert os.path.isfile(os.path.join(workdir, name)), name
-    report = open(os.path.join(workdir, "report.md")).read()
+    report = pathlib.Path(os.path.join(workdir, "report.md")).read_text()
     assert "Khandelwal" in report and "Vaswani" in report and "±" in report
     tags = {t for t in metric_writer.read_scalars(workdir)}
     assert any(t.startswith("study/effective_context_drop/") for t in tags)
@@ -139,7 +140,7 @@ def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     assert results["ablation"]["num_windows"] == 32
     assert set(results["ablation"]["effective_context"]) == {"drop", "shuffle", "random"}
     assert results["attention"]["shape"][:2] == [2, 4]   # layers x heads of the tiny gpt
-    assert "http" not in open(os.path.join(out, "head_view.html")).read().lower()
+    assert "http" not in pathlib.Path(os.path.join(out, "head_view.html")).read_text().lower()
     tags = set(metric_writer.read_scalars(workdir))
     assert "analysis/effective_context_drop" in tags
 

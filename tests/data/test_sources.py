@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_builtin_cap_zero_reads_every_file_in_sorted_order():
     assert files == sorted(files) and "os.py" in files and "json/decoder.py" in files
     headers = [line[len("# file: "):] for line in text.split("\n") if line.startswith("# file: ")]
     assert [h for h in headers if h in set(files)] == [h for h in files if h in set(headers)]
-    assert "# file: os.py\n" + open(os.__file__, encoding="utf-8").read() in text
+    assert "# file: os.py\n" + pathlib.Path(os.__file__).read_text(encoding="utf-8") in text
     capped = sources.read_text("builtin", max_bytes=1000)
     assert text.startswith(capped)
 
