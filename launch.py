@@ -61,14 +61,35 @@ _CACHE = flags.DEFINE_bool("compilation_cache", True, "Use JAX's persistent comp
                            "$JAXLM_CACHE_DIR or ~/.cache/jaxlm (second runs start faster).")
 
 
-def _die(message: str, code: int = 2) -> None:
-    """One line on stderr, no traceback."""
+def _die(message: str, code: int = 2, *, at_once: bool = False) -> None:
+    """One line on stderr, no traceback.
+
+    ``at_once`` skips the interpreter's teardown: after a second Ctrl-C, Orbax's writer threads are cut short
+    and their event loops' finalisers would print tracebacks at exit (complete checkpoints are already on disk)."""
     print(f"launch.py: error: {' '.join(str(message).split())}", file=sys.stderr)
     parallel = sys.modules.get("jaxlm.parallel")
     if parallel is not None and parallel.is_multiprocess():   # do not wait at JAX's shutdown barrier for stuck peers
         parallel.exit_now_if_multiprocess(code)
         parallel.exit_multiprocess(code)
+    if at_once:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:   # a closed pipe: nothing more to say
+                pass
+        os._exit(code)
     sys.exit(code)
+
+
+_STOPPED_AT_ONCE = "interrupted (Ctrl-C): stopped at once; the last complete checkpoint is kept"
+
+
+def _honour_a_swallowed_interrupt(unraisable) -> None:
+    """sys.unraisablehook: a Ctrl-C that lands in a finaliser or a GC callback would be printed as "Exception
+    ignored ..." with a traceback, and lost; stop at once instead, as the second Ctrl-C asks."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _die(_STOPPED_AT_ONCE, 130, at_once=True)
+    sys.__unraisablehook__(unraisable)
 
 
 def _parse_flags(argv):
@@ -163,6 +184,7 @@ def main(argv) -> int:
             "runs", f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_workdir(workdir)
 
+    sys.unraisablehook = _honour_a_swallowed_interrupt
     import jaxlm
     from jaxlm import config as config_lib
     from jaxlm.errors import DivergedError, Interrupted, UserError
@@ -182,8 +204,10 @@ def main(argv) -> int:
         _die(e, 2)
     except DivergedError as e:
         _die(e, 3)
-    except (Interrupted, KeyboardInterrupt) as e:
-        _die(str(e) or "interrupted (Ctrl-C): stopped at once; the last complete checkpoint is kept", 130)
+    except Interrupted as e:
+        _die(e, 130)
+    except KeyboardInterrupt:
+        _die(_STOPPED_AT_ONCE, 130, at_once=True)
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS:   # anything else is a bug: keep its traceback
             raise

@@ -83,6 +83,11 @@ async def hooked_finalize(self):
 def hooked_evaluate(run, step, **kwargs):
     if point == "sigterm_in_eval" and step == target:
         os.kill(os.getpid(), signal.SIGTERM)   # handled at the next bytecode: during this evaluation
+    if point == "ctrl_c_in_finaliser" and step == target:
+        class Finalised:
+            def __del__(self):   # as when a Ctrl-C lands while a GC callback or weakref finaliser runs
+                raise KeyboardInterrupt
+        Finalised()
     return evaluate(run, step, **kwargs)
 
 
@@ -289,6 +294,17 @@ def test_sigterm_during_the_final_evaluation_lets_the_run_finish(tmp_path, commo
     r, _ = launch_with_fault(tmp_path, "sigterm_in_eval:8", f"--workdir={workdir}", "--config.train.steps=8", *common)
     assert r.returncode == 0, r.stderr
     assert checkpoint_steps(workdir) == [4, 8]
+
+
+def test_a_ctrl_c_that_lands_in_a_finaliser_still_stops_the_run_at_once(tmp_path, common):
+    # Python would print it as "Exception ignored in ..." with a traceback, and train on
+    workdir = str(tmp_path / "run")
+    r, _ = launch_with_fault(tmp_path, "ctrl_c_in_finaliser:8", f"--workdir={workdir}", "--config.train.steps=12",
+                             *common)
+    assert r.returncode == 130, r.stderr
+    assert stderr_lines(r) == ["launch.py: error: interrupted (Ctrl-C): stopped at once; the last complete "
+                               "checkpoint is kept"], r.stderr
+    assert checkpoint_steps(workdir) in ([], [4])   # stopped in step 8's evaluation, before its save
 
 
 def test_two_sigints_stop_at_once_with_exit_130(tmp_path, common):
