@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.max_len = 256            # longest sequence the model accepts (learned positions)
     c.model.dtype = "float32"        # compute dtype; parameters and optimizer state stay float32
     c.model.gelu_approximate = False  # tanh-approximate GELU: faster on CPU, a (slightly) different function
+    c.model.attention_query_blocks = 4  # causal attention: at most this many query blocks (>= 64 queries each), skipping the score tiles above the diagonal; 1 = one T x T
     c.model.forget_bias = 1.0        # LSTM forget-gate bias at init (Gers et al. 2000; Jozefowicz et al. 2015)
     c.model.lstm_init = "default"    # default | chrono (Tallec & Ollivier 2018: forget bias ~ log U(1, max_len))
     c.model.embed_init_std = 0.0     # token-embedding init std; 0 = the model's default (0.02 gpt/bert, 1/sqrt(d_model) recurrent)
@@ -173,6 +174,9 @@ def validate(config) -> None:
     cpu_devices = config.parallel.cpu_devices
     if not isinstance(cpu_devices, int) or isinstance(cpu_devices, bool) or cpu_devices < 0:
         _fail("parallel.cpu_devices", cpu_devices, "must be 0 (auto) or a positive number of CPU devices")
+    blocks = m.attention_query_blocks
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+        _fail("model.attention_query_blocks", blocks, "must be a positive integer (1 = one T x T score matrix)")
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"choose from {', '.join(SCHEDULES)}")
     if m.lstm_init not in LSTM_INITS:

@@ -98,6 +98,7 @@ CASES = [
     ("bpe_vocab_too_small", ["--config.data.tokenizer=bpe", "--config.data.vocab_size=100"], "vocab_size=100"),
     ("seq_len_above_max_len", ["--config.data.seq_len=64"], "seq_len=64"),
     ("heads_do_not_divide_width", ["--config.model.num_heads=3"], "num_heads=3"),
+    ("zero_query_blocks", ["--config.model.attention_query_blocks=0"], "attention_query_blocks=0"),
     ("zero_layers", ["--config.model.num_layers=0"], "num_layers=0"),
     ("negative_width", ["--config.model.d_model=-8"], "d_model=-8"),
     ("zero_batch", ["--config.train.batch_size=0"], "batch_size=0"),

@@ -27,7 +27,8 @@ class Block(nnx.Module):
         self.rate = float(cfg.dropout)
         self.ln1 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.attn = attention.MultiHeadAttention(d, cfg.num_heads, causal=causal, num_layers=cfg.num_layers,
-                                                 dtype=dtype, rngs=rngs, fused=fused)
+                                                 dtype=dtype, rngs=rngs, fused=fused,
+                                                 query_blocks=int(cfg.attention_query_blocks))
         self.ln2 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlp = layers.MlpBlock(d, cfg.mlp_ratio * d, num_layers=cfg.num_layers,
                                    gelu_approximate=bool(cfg.gelu_approximate), dtype=dtype, rngs=rngs)

@@ -19,9 +19,15 @@ def numpy_weights(q, k, allowed):
     return e / e.sum(-1, keepdims=True)
 
 
-def make_layer(causal, d=32, heads=4):
+def make_layer(causal, d=32, heads=4, query_blocks=1):
     return attention.MultiHeadAttention(d, heads, causal=causal, num_layers=2, dtype=jnp.float32,
-                                        rngs=nnx.Rngs(params=0))
+                                        rngs=nnx.Rngs(params=0), query_blocks=query_blocks)
+
+
+@pytest.fixture
+def short_blocks(monkeypatch):
+    """Query blocks of any length, so short test sequences split into several."""
+    monkeypatch.setattr(attention, "MIN_QUERY_BLOCK", 1)
 
 
 def run(layer, x, mask):
@@ -31,13 +37,13 @@ def run(layer, x, mask):
     return out, np.asarray(weights)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_weights_match_numpy_and_rows_sum_to_one(causal):
+@pytest.mark.parametrize("causal,query_blocks", [(True, 1), (True, 4), (False, 1), (False, 4)])
+def test_weights_match_numpy_and_rows_sum_to_one(causal, query_blocks, short_blocks):
     b, t, d = 3, 9, 32
     x = jax.random.normal(jax.random.key(1), (b, t, d))
     lengths = np.array([9, 6, 2])
     mask = np.arange(t)[None] < lengths[:, None]
-    layer = make_layer(causal)
+    layer = make_layer(causal, query_blocks=query_blocks)
     out, w = run(layer, x, jnp.asarray(mask))
     assert out.shape == (b, t, d) and w.shape == (b, 4, t, t) and w.dtype == np.float32
     q, k, _ = layer.project(x)
@@ -48,8 +54,9 @@ def test_weights_match_numpy_and_rows_sum_to_one(causal):
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
     for i, n in enumerate(lengths):
         assert (w[i, :, :, n:] == 0).all(), "padding keys got weight"
-    # The pure function gives the same as what the layer sowed.
-    np.testing.assert_array_equal(w, attention.attention_weights(q, k, causal=causal, mask=jnp.asarray(mask)))
+    # The pure function gives what the layer sowed: bit for bit from one block, to rounding from several.
+    pure = attention.attention_weights(q, k, causal=causal, mask=jnp.asarray(mask))
+    np.testing.assert_allclose(w, pure, rtol=0, atol=0 if query_blocks == 1 or not causal else 1e-7)
     assert nnx.state(layer, nnx.Intermediate) == nnx.State({})
 
 
@@ -166,3 +173,56 @@ def test_fused_layer_gradients_equal_the_autodiff_layer(causal):
     np.testing.assert_allclose(tangent, numeric, atol=2e-3 * float(np.abs(np.asarray(numeric)).max()))
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(apply[True], (x,), (jnp.ones_like(x),))
+
+
+# ---- causal attention in query blocks (attention.attend_causal) vs one T x T block ---------------------------
+
+def test_block_stops_split_evenly_and_never_below_the_minimum_block():
+    assert attention.MIN_QUERY_BLOCK == 64
+    assert attention.block_stops(256, 4) == [64, 128, 192, 256]
+    assert attention.block_stops(128, 4) == [64, 128]
+    assert attention.block_stops(127, 4) == [127] and attention.block_stops(1024, 4) == [256, 512, 768, 1024]
+    assert attention.block_stops(200, 3) == [66, 133, 200] and attention.block_stops(256, 1) == [256]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("blocks", [2, 3, 4])
+@pytest.mark.parametrize("lengths", [None, [10, 7, 0]])
+def test_query_blocks_equal_one_block_in_outputs_weights_and_gradients(fused, blocks, lengths, short_blocks):
+    """Uneven blocks (T = 10), a padding mask with an all-padding row, and a loss on the sown weights too."""
+    b, t, h, dh = 3, 10, 2, 8
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (b, t, h, dh)) for i in range(4))
+    mask = None if lengths is None else jnp.asarray(np.arange(t)[None] < np.array(lengths)[:, None])
+    core = attention.attend if fused else attention.attend_reference
+
+    def loss(fn):
+        def f(q, k, v):
+            y, w = fn(q, k, v)
+            return jnp.sum(y * dy) + jnp.sum(jnp.sin(3.0 * w)), (y, w)
+        return f
+    one = lambda q, k, v: attention.attend_reference(q, k, v, True, mask)   # noqa: E731
+    split = lambda q, k, v: attention.attend_causal(core, q, k, v, mask, blocks)   # noqa: E731
+    ref, (y_ref, w_ref) = jax.grad(loss(one), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    got, (y, w) = jax.jit(jax.grad(loss(split), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    allowed = np.tril(np.ones((t, t), bool))[None] & (np.ones((b, t), bool) if mask is None else np.asarray(mask))[:, None]
+    with np.errstate(invalid="ignore"):   # an all-padding row is NaN in float64 NumPy; the layer gives zeros
+        expected = np.where(allowed.any(-1)[:, None, :, None], numpy_weights(q, k, allowed), 0.0)
+    np.testing.assert_allclose(w, expected, atol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    for name, g, r in zip("qkv", got, ref):
+        r = np.asarray(r)
+        assert np.abs(r).max() > 0.1, name
+        assert np.abs(np.asarray(g) - r).max() <= 1e-5 * np.abs(r).max(), name
+
+
+def test_a_gpt_sized_sequence_runs_in_blocks_and_its_step_skips_the_upper_tiles():
+    """T = 256 with the default 4 blocks: the layer output equals one block's, and the jaxpr's score matmuls
+    cover 5/8 of the T x T matrix (the diagonal tiles full, the tiles above them not at all)."""
+    x = jax.random.normal(jax.random.key(5), (2, 256, 32))
+    blocked, single = make_layer(True, query_blocks=4), make_layer(True, query_blocks=1)
+    np.testing.assert_allclose(blocked(x), single(x), rtol=1e-5, atol=1e-6)
+    q, k, v = blocked.project(x)
+    step = jax.make_jaxpr(lambda q, k, v: attention.attend_causal(attention.attend_reference, q, k, v, None, 4)[0])
+    shapes = [e.outvars[0].aval.shape for e in step(q, k, v).jaxpr.eqns
+              if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[:3] == (2, 4, 64)]   # [B, H, Tq, Tk]
+    assert sorted(shapes) == [(2, 4, 64, 64), (2, 4, 64, 128), (2, 4, 64, 192), (2, 4, 64, 256)]
