@@ -9,7 +9,7 @@ such rows are then zeroed so a query that may see nothing attends to nothing.
 Causal attention runs in `query_blocks` blocks of queries (`model.attention_query_blocks`, 4 by default): block
 i scores only the keys up to its own last query, so the score tiles strictly above the diagonal are never
 computed, multiplied, exponentiated or differentiated (n blocks skip (n - 1) / 2n of the T x T work; blocks
-are at least MIN_QUERY_BLOCK queries long).  GPT small trains 1.15x faster on CPU (benchmarks/README.md).
+are at least MIN_QUERY_BLOCK queries long).  GPT small trains 1.09x faster on CPU (benchmarks/README.md).
 Only each block's diagonal tile is masked; the function is the same as one T x T block (tests compare them).
 
 The layer's core `weights @ v` has two implementations with the same forward function:
@@ -49,8 +49,8 @@ def attention_mask(queries: int, keys: int, *, causal: bool, mask: jax.Array | N
     if causal:
         allowed = jnp.tril(jnp.ones((queries, keys), dtype=bool), k=keys - queries)[None, None]
     if mask is not None:
-        keys = mask.astype(bool)[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
+        visible = mask.astype(bool)[:, None, None, :]
+        allowed = visible if allowed is None else allowed & visible
     return allowed
 
 
