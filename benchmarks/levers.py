@@ -4,15 +4,16 @@ in ONE process, then timed in short interleaved blocks (A B C A B C ...), so mac
 
 Variants (jaxlm code is not modified: the attention ones patch MultiHeadAttention.__call__ while the
 variant's step is traced, then restore it):
-  base        the current code (exact GELU)
+  base        the current code (exact GELU, causal attention in up to 4 query blocks)
   attn_autodiff  attention core by autodiff (attention.attend_reference) instead of the custom VJP
   tanh_gelu   config model.gelu_approximate=True (a different function: tanh-approximate GELU)
   bf16        config model.dtype=bfloat16 (bf16 compute, f32 parameters and optimizer state)
   attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
   attn_bhtd   q, k, v transposed to [B, H, T, Dh] before the two attention einsums
   attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
-  attn_blocks2 / attn_blocks4  block-causal attention (autodiff): query block i scores only keys up to its
-                 own end, so the strictly-upper score blocks are never computed
+  query_blocks1 / 2 / 8  config model.attention_query_blocks=N (base: 4; causal attention in at most N query
+                 blocks of >= attention.MIN_QUERY_BLOCK queries, skipping the score tiles above the diagonal)
+  attn_blocks1 / 2 / 4 / 8  the same query blocks with the autodiff core (attention.attend_reference)
   attn_deferred  softmax normalisation after the PV matmul: (exp(s - max) @ v) / sum (flash-attention style)
   ln_fold     both LayerNorms of each block folded into the following matmul: n(x) @ (g W) + (beta W + b)
   ln_fold_deferred  ln_fold + attn_deferred
@@ -94,36 +95,13 @@ def _deferred(q, k, v):
     return y / p.sum(axis=-1).transpose(0, 2, 1)[..., None].astype(y.dtype)
 
 
-def _block_causal(q, k, v, blocks: int):
-    """Causal attention computed by query blocks: block i scores only keys [0, (i + 1) T / blocks), so the
-    score matmuls, the softmax and their gradients skip the strictly-upper blocks (1/2 - 1/(2 blocks) of the
-    work); only each block's diagonal tile is masked."""
-    t = q.shape[1]
-    size = t // blocks
-    tile = jnp.tril(jnp.ones((size, size), bool))
-    out = []
-    for i in range(blocks):
-        qi, keys, values = q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size], v[:, :(i + 1) * size]
-        s = jnp.einsum("bqhd,bkhd->bhqk", qi * q.shape[-1] ** -0.5, keys, preferred_element_type=jnp.float32)
-        allowed = jnp.concatenate([jnp.ones((size, i * size), bool), tile], axis=1)
-        w = jax.nn.softmax(jnp.where(allowed, s, attention.NEG), axis=-1)
-        out.append(jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), values))
-    return jnp.concatenate(out, axis=1)
-
-
-def attn_blocks2(self, x, mask=None):
-    assert mask is None and self.causal
-    return _causal_out(self, x, lambda q, k, v: _block_causal(q, k, v, 2))
-
-
-def attn_blocks4(self, x, mask=None):
-    assert mask is None and self.causal
-    return _causal_out(self, x, lambda q, k, v: _block_causal(q, k, v, 4))
-
-
-def attn_blocks8(self, x, mask=None):
-    assert mask is None and self.causal
-    return _causal_out(self, x, lambda q, k, v: _block_causal(q, k, v, 8))
+def _autodiff_blocks(blocks: int):
+    """The causal query blocks of attention.attend_causal with the autodiff core instead of the custom VJP."""
+    def call(self, x, mask=None):
+        assert mask is None and self.causal
+        return _causal_out(self, x, lambda q, k, v: attention.attend_causal(
+            attention.attend_reference, q, k, v, None, blocks)[0])
+    return call
 
 
 def attn_deferred(self, x, mask=None):
@@ -161,8 +139,7 @@ def block_ln_fold(self, x, mask=None, dropout_key=None):
 
 FOLD_DEFERRED = False
 PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa, "attn_deferred": attn_deferred,
-           "attn_blocks2": attn_blocks2, "attn_blocks4": attn_blocks4,
-           "attn_blocks8": attn_blocks8}
+           **{f"attn_blocks{n}": _autodiff_blocks(n) for n in (1, 2, 4, 8)}}
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"},
              **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 8)}}
