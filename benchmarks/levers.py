@@ -11,7 +11,7 @@ variant's step is traced, then restore it):
   attn_bias   causal mask as an additive [T, T] bias (0 / -1e30) instead of jnp.where on the scores
   attn_bhtd   q, k, v transposed to [B, H, T, Dh] before the two attention einsums
   attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
-  query_blocks1 / 2 / 8  config model.attention_query_blocks=N (base: 4; causal attention in at most N query
+  query_blocks1 / 2 / 3 / 8  config model.attention_query_blocks=N (base: 4; causal attention in at most N query
                  blocks of >= attention.MIN_QUERY_BLOCK queries, skipping the score tiles above the diagonal)
   attn_blocks1 / 2 / 4 / 8  the same query blocks with the autodiff core (attention.attend_reference)
   attn_deferred  softmax normalisation after the PV matmul: (exp(s - max) @ v) / sum (flash-attention style)
@@ -142,7 +142,7 @@ PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa,
            **{f"attn_blocks{n}": _autodiff_blocks(n) for n in (1, 2, 4, 8)}}
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"},
-             **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 8)}}
+             **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 3, 8)}}
 VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, "attn_autodiff", "lstm_autodiff", "lstm_batch_major",
             "lstm_feature_major", "nnx_linear", "plain_dense")   # what `patched` and `build` know
 
