@@ -6,7 +6,8 @@ Trains the same tiny GPT (AdamW) for 5 steps on the same batches under every pla
 fsdp=4 (mesh 2 x 4), pmap over 8, and jit over 8 with 2 accumulated micro-batches.  Saves per-step
 (loss, grad_norm), the final parameters and optimizer state, and for fsdp how many parameter / optimizer
 elements one device holds; a stateful LSTM (carry split like the batch) on 1 device, jit 8 and pmap 8; and for
-each model family the number of all-gathers and all-reduces in its jit-8 train step.
+each model family (and GPT in causal query blocks) the number of all-gathers and all-reduces in its jit-8
+train step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlm import config as config_lib, models, parallel  # noqa: E402
+from jaxlm.models import attention  # noqa: E402
 from jaxlm.train import optim, state as state_lib, step as step_lib  # noqa: E402
 
 VOCAB = 40
@@ -139,13 +141,16 @@ def strategies(out: str):
         results[f"{name}/after_restore"] = np.array(float(jax.device_get(metrics["train/loss"])))
     # data parallelism over 8 devices must not gather the batch anywhere in a train step: a gathered batch means
     # every device computes the whole batch (the recurrent models' time-major reshapes once did that)
-    for model in ("gpt", "bert", "rnn", "lstm", "elmo"):
-        mconfig = tiny_config(**{"model.name": model, "model.hidden_size": 16, "model.num_layers": 2})
+    for model in ("gpt", "gpt_query_blocks", "bert", "rnn", "lstm", "elmo"):
+        mconfig = tiny_config(**{"model.name": model.split("_")[0], "model.hidden_size": 16, "model.num_layers": 2})
+        # gpt_query_blocks: causal attention in 4 query blocks of 4 (real runs split from 128 tokens on)
+        attention.MIN_QUERY_BLOCK = 1 if model == "gpt_query_blocks" else 64
         dp, host_state, _ = build(mconfig)
         state, batch = dp.place_state(host_state), dp.place_batch(data[0])
         step = jax.jit(dp._train_step, out_shardings=(dp.state_shardings(state), dp.replicated))   # as dp jits it
         hlo = step.lower(state, batch).compile().as_text()   # compiled once, never run
         results[f"gathers/{model}"] = np.array([hlo.count("all-gather("), hlo.count("all-reduce(")])
+    attention.MIN_QUERY_BLOCK = 64
     # randomness (dropout): jit over 8 draws exactly the 1-device masks; pmap draws per device
     dconfig = tiny_config(**{"model.dropout": 0.1})
     for name, kwargs, strategy in (("drop_one", dict(devices=jax.devices()[:1]), "jit"), ("drop_jit8", {}, "jit"),

@@ -167,7 +167,7 @@ def test_stateful_carry_follows_batch_rows(strategies, name):
     assert _rel(strategies["lstm_one/after_restore"], strategies[f"{name}/after_restore"]) < RTOL
 
 
-@pytest.mark.parametrize("model", ["gpt", "bert", "rnn", "lstm", "elmo"])
+@pytest.mark.parametrize("model", ["gpt", "gpt_query_blocks", "bert", "rnn", "lstm", "elmo"])
 def test_data_parallel_step_never_gathers_the_batch(strategies, model):
     """Each device computes only its rows: no all-gather in the jit-8 train step (the LSTM's time-major input
     projections once made XLA gather the whole batch onto every device), and the gradients are all-reduced."""
