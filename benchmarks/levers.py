@@ -13,7 +13,8 @@ variant's step is traced, then restore it):
   attn_dpa    jax.nn.dot_product_attention(q, k, v, is_causal=True) (XLA implementation)
   query_blocks1 / 2 / 3 / 8  config model.attention_query_blocks=N (base: 4; causal attention in at most N query
                  blocks of >= attention.MIN_QUERY_BLOCK queries, skipping the score tiles above the diagonal)
-  attn_blocks1 / 2 / 4 / 8  the same query blocks with the autodiff core (attention.attend_reference)
+  attn_blocks2 / 4 / 8  the same query blocks with the autodiff core (attention.attend_reference)
+  (attn_bias, attn_bhtd, attn_dpa, attn_deferred and ln_fold* compute one T x T block: compare with query_blocks1)
   attn_deferred  softmax normalisation after the PV matmul: (exp(s - max) @ v) / sum (flash-attention style)
   ln_fold     both LayerNorms of each block folded into the following matmul: n(x) @ (g W) + (beta W + b)
   ln_fold_deferred  ln_fold + attn_deferred
@@ -139,7 +140,7 @@ def block_ln_fold(self, x, mask=None, dropout_key=None):
 
 FOLD_DEFERRED = False
 PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa, "attn_deferred": attn_deferred,
-           **{f"attn_blocks{n}": _autodiff_blocks(n) for n in (1, 2, 4, 8)}}
+           **{f"attn_blocks{n}": _autodiff_blocks(n) for n in (2, 4, 8)}}
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"},
              **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 3, 8)}}

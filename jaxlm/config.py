@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.max_len = 256            # longest sequence the model accepts (learned positions)
     c.model.dtype = "float32"        # compute dtype; parameters and optimizer state stay float32
     c.model.gelu_approximate = False  # tanh-approximate GELU: faster on CPU, a (slightly) different function
-    c.model.attention_query_blocks = 4  # causal attention: at most this many query blocks (>= 64 queries each), skipping the score tiles above the diagonal; 1 = one T x T
+    c.model.attention_query_blocks = 4  # causal attention in <= this many query blocks of >= 64 (1 = one T x T)
     c.model.forget_bias = 1.0        # LSTM forget-gate bias at init (Gers et al. 2000; Jozefowicz et al. 2015)
     c.model.lstm_init = "default"    # default | chrono (Tallec & Ollivier 2018: forget bias ~ log U(1, max_len))
     c.model.embed_init_std = 0.0     # token-embedding init std; 0 = the model's default (0.02 gpt/bert, 1/sqrt(d_model) recurrent)

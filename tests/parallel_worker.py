@@ -141,16 +141,17 @@ def strategies(out: str):
         results[f"{name}/after_restore"] = np.array(float(jax.device_get(metrics["train/loss"])))
     # data parallelism over 8 devices must not gather the batch anywhere in a train step: a gathered batch means
     # every device computes the whole batch (the recurrent models' time-major reshapes once did that)
+    min_query_block = attention.MIN_QUERY_BLOCK
     for model in ("gpt", "gpt_query_blocks", "bert", "rnn", "lstm", "elmo"):
         mconfig = tiny_config(**{"model.name": model.split("_")[0], "model.hidden_size": 16, "model.num_layers": 2})
         # gpt_query_blocks: causal attention in 4 query blocks of 4 (real runs split from 128 tokens on)
-        attention.MIN_QUERY_BLOCK = 1 if model == "gpt_query_blocks" else 64
+        attention.MIN_QUERY_BLOCK = 1 if model == "gpt_query_blocks" else min_query_block
         dp, host_state, _ = build(mconfig)
         state, batch = dp.place_state(host_state), dp.place_batch(data[0])
         step = jax.jit(dp._train_step, out_shardings=(dp.state_shardings(state), dp.replicated))   # as dp jits it
         hlo = step.lower(state, batch).compile().as_text()   # compiled once, never run
         results[f"gathers/{model}"] = np.array([hlo.count("all-gather("), hlo.count("all-reduce(")])
-    attention.MIN_QUERY_BLOCK = 64
+    attention.MIN_QUERY_BLOCK = min_query_block
     # randomness (dropout): jit over 8 draws exactly the 1-device masks; pmap draws per device
     dconfig = tiny_config(**{"model.dropout": 0.1})
     for name, kwargs, strategy in (("drop_one", dict(devices=jax.devices()[:1]), "jit"), ("drop_jit8", {}, "jit"),
