@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """In-process A/B of model-side speed levers on one shape: every variant's train step is built and compiled
 in ONE process, then timed in short interleaved blocks (A B C A B C ...), so machine load hits all alike.
+The process splits the CPU into devices as launch.py does (`parallel.cpu_devices`: one per core, unless XLA_FLAGS
+forces a count), so the steps run data-parallel as a user's do.
 
 Variants (jaxlm code is not modified: the attention ones patch MultiHeadAttention.__call__ while the
 variant's step is traced, then restore it):
@@ -21,9 +23,13 @@ variant's step is traced, then restore it):
   lstm_autodiff  LSTM shapes: the autodiff reference recurrence instead of the custom-VJP one
   lstm_batch_major / lstm_feature_major  LSTM shapes: the custom-VJP recurrence in that loop layout
                  (lstm._Layout) whatever the hidden size
+  lstm_dense_autodiff  LSTM shapes: the fused layer's input projection by autodiff (layers.dense) instead of
+                 layers.dense_vjp (autodiff's weight gradient is a transposed matmul result)
   plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as an einsum over
                  [..., in] instead of layers.dense's 2-D matmul (same function, slower weight gradient)
   nnx_linear     transformer shapes: flax's nnx.Linear (autodiff; jaxlm's layer before layers.Linear)
+  large_leaf64k / large_leaf1  optim.LARGE_LEAF = 2^16 / 1 (base: 2^19): arrays from that size are updated as
+                 they are instead of being concatenated into the flat AdamW vectors (1: every array, per leaf)
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
 
@@ -47,8 +53,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxlm import bench  # noqa: E402
+from jaxlm import bench, parallel  # noqa: E402
 from jaxlm.models import attention, layers, lstm, transformer  # noqa: E402
+from jaxlm.train import optim  # noqa: E402
 
 
 def _causal_out(self, x, y_fn):
@@ -144,8 +151,10 @@ PATCHES = {"attn_bias": attn_bias, "attn_bhtd": attn_bhtd, "attn_dpa": attn_dpa,
 BLOCK_PATCHES = {"ln_fold": block_ln_fold, "ln_fold_deferred": block_ln_fold}
 OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtype": "bfloat16"},
              **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 3, 8)}}
-VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, "attn_autodiff", "lstm_autodiff", "lstm_batch_major",
-            "lstm_feature_major", "nnx_linear", "plain_dense")   # what `patched` and `build` know
+LARGE_LEAF = {"large_leaf64k": 1 << 16, "large_leaf1": 1}
+VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, *LARGE_LEAF, "attn_autodiff", "lstm_autodiff",
+            "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "nnx_linear",
+            "plain_dense")   # what `patched` and `build` know
 
 
 @contextlib.contextmanager
@@ -153,7 +162,11 @@ def patched(name):
     global FOLD_DEFERRED
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
     attend = attention.attend
-    min_hidden, dense, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.dense, layers.linear
+    min_hidden, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.linear
+    dense, dense_vjp = layers.dense, layers.dense_vjp
+    large_leaf = optim.LARGE_LEAF
+    if name in LARGE_LEAF:
+        optim.LARGE_LEAF = LARGE_LEAF[name]
     if name in PATCHES:
         attention.MultiHeadAttention.__call__ = PATCHES[name]
     if name in BLOCK_PATCHES:
@@ -170,14 +183,17 @@ def patched(name):
         layers.linear = lambda i, o, *, dtype, rngs, init=None: nnx.Linear(
             i, o, dtype=dtype, param_dtype=jnp.float32, kernel_init=init or layers.normal_init(),
             bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    if name == "lstm_dense_autodiff":
+        layers.dense_vjp = layers.dense
     if name == "plain_dense":
-        layers.dense = lambda x, w, b: jnp.einsum("...i,io->...o", x, w) + b
+        layers.dense = layers.dense_vjp = lambda x, w, b: jnp.einsum("...i,io->...o", x, w) + b
     try:
         yield
     finally:
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
         lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
-        layers.dense, layers.linear, attention.attend = dense, linear, attend
+        layers.dense, layers.dense_vjp, layers.linear, attention.attend = dense, dense_vjp, linear, attend
+        optim.LARGE_LEAF = large_leaf
 
 
 def build(shape: str, name: str):
@@ -223,6 +239,8 @@ def main():
     if problem:   # an unknown name would otherwise be timed as the base code under its own name
         print(f"levers.py: error: {problem}", file=sys.stderr)
         return 2
+    devices = parallel.configure_cpu_devices(bench.shape_config(a.shape))   # as launched: one device per core
+    print(f"{jax.device_count()} device(s) ({'parallel.cpu_devices' if devices else 'XLA_FLAGS'})", file=sys.stderr)
     built = {n: build(a.shape, n) for n in names}
     print("first-step losses (same init and batch => equal up to the variant's function change): "
           + ", ".join(f"{n} {v['loss0']:.5f}" for n, v in built.items()), file=sys.stderr)

@@ -16,7 +16,8 @@ The LSTM recurrence has two implementations with the same forward function:
     autodiff of the scan on the 2-core CPU in shared/bench/README.md).  Tests check it equals the
     reference (outputs and gradients).  It supports reverse mode (grad, vjp, jacrev) but not forward
     mode (jvp, jacfwd): build the model with `fused=False` for that.  Its loops run batch-major or, from
-    hidden size FEATURE_MAJOR_MIN_HIDDEN, feature-major (`_Layout`), whichever XLA:CPU runs faster.
+    hidden size FEATURE_MAJOR_MIN_HIDDEN, feature-major (`_Layout`), whichever XLA:CPU runs faster.  The
+    fused layer's input projection has a hand-written backward too (`layers.dense_vjp`).
 The Elman RNN uses plain autodiff of its scan.
 """
 
@@ -373,7 +374,8 @@ class LSTMLayer(nnx.Module):
         dt = self.dtype
         carry = self.initial_carry(x.shape[0]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
         # All time steps' input projections in one matmul, outside the recurrence.
-        xw = layers.dense(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
+        project = layers.dense_vjp if self.fused else layers.dense   # fused=False keeps forward mode (jvp)
+        xw = project(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
         w_p = None if self.w_p is None else self.w_p[...].astype(dt)
         return lstm_scan(xw, self.w_hh[...].astype(dt), w_p, *carry, fused=self.fused)
 

@@ -34,3 +34,21 @@ def test_linear_has_nnx_linear_parameters_and_function():
     nnx.update(theirs, nnx.state(ours, nnx.Param))     # same names: a checkpoint of one loads into the other
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6)), jnp.float32)
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6)
+
+
+def test_dense_vjp_matches_numpy_float64_and_keeps_the_weight_gradient_untransposed():
+    rng = np.random.default_rng(2)
+    x, w, b = rng.normal(size=(3, 5, 7)), rng.normal(size=(7, 4)), rng.normal(size=4)
+    g = rng.normal(size=(3, 5, 4))
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (x, w, b))
+    y, vjp = jax.vjp(layers.dense_vjp, *args)
+    dx, dw, db = vjp(jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bti,bto->io", x, g), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, g.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
+
+    def transposes(dense):   # transpose ops in the weight gradient's program (autodiff's rule adds one)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(dense(args[0], w, args[2]) * g)))(args[1])
+        return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "transpose"]
+    assert transposes(layers.dense) and not transposes(layers.dense_vjp)
