@@ -123,7 +123,7 @@ def dense_vjp(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
     Autodiff's transpose rule computes dy^T @ x ([out, in]) and transposes it; in the LSTM step XLA:CPU did not
     fold that transpose away but fused it into the optimizer's kernels, which then read the gradient with a
-    stride (LSTM small: ~3% of the step).  Reverse mode only (the fused LSTM layer, itself a custom VJP, uses it).
+    stride (LSTM small: ~3% of the step).  Reverse mode only, like the fused LSTM recurrence it feeds.
     """
     return dense(x, w, b)
 
