@@ -175,6 +175,34 @@ def test_fused_lstm_equals_autodiff(projection, feature_major):
             assert _rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("projection", [0, 12])
+def test_fused_lstm_lm_gradients_equal_unfused_forward_mode(projection):
+    """The whole LM (input projections through layers.dense_vjp, fused recurrences) against the unfused model by
+    autodiff: every parameter's gradient, and <grad, v> against the unfused model's jvp (forward mode works there)."""
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, (3, 10)), jnp.int32)
+
+    def loss_fn(fused):
+        graphdef, params = nnx.split(lstm.LSTMLM(_cfg(projection_size=projection), 11, rngs=nnx.Rngs(params=0),
+                                                 fused=fused))
+
+        def loss(params):
+            logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return loss, params
+
+    (loss_f, params), (loss_u, params_u) = loss_fn(True), loss_fn(False)
+    grads_f = jax.jit(jax.grad(loss_f))(params)
+    grads_u = jax.jit(jax.grad(loss_u))(params_u)
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads_f)]
+    assert any("w_ih" in n for n in names) and any("'b'" in n for n in names)
+    for name, a, b in zip(names, jax.tree.leaves(grads_f), jax.tree.leaves(grads_u)):
+        assert _rel_err(a, b) < 1e-5, name
+    v = jax.tree.map(lambda p: jnp.asarray(np.random.default_rng(p.size).standard_normal(p.shape), p.dtype), params)
+    _, forward = jax.jvp(loss_u, (params_u,), (v,))
+    reverse = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads_f), jax.tree.leaves(v)))
+    np.testing.assert_allclose(reverse, forward, rtol=1e-4)
+
+
 # --- initialisation ----------------------------------------------------------------------------------
 
 
