@@ -235,7 +235,7 @@ def _fused_bwd(feature_major, residuals, cotangents):
     _, dh0, dc0, dgates, dh_steps = _loop(
         body, (0, lay.step_in(dh_last), lay.step_in(dc_last), dgates, dh_steps), steps)
     h_prev = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)                         # [B, T, P]
-    dw_hh = _flat(h_prev).T @ _flat(dgates)
+    dw_hh = layers.weight_gradient(_flat(h_prev), _flat(dgates))
     if w_p is None:
         dw_p = None
     else:

@@ -48,7 +48,18 @@ def test_dense_vjp_matches_numpy_float64_and_keeps_the_weight_gradient_untranspo
     np.testing.assert_allclose(dw, np.einsum("bti,bto->io", x, g), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(db, g.sum(axis=(0, 1)), rtol=1e-5, atol=1e-5)
 
-    def transposes(dense):   # transpose ops in the weight gradient's program (autodiff's rule adds one)
-        jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(dense(args[0], w, args[2]) * g)))(args[1])
-        return [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "transpose"]
-    assert transposes(layers.dense) and not transposes(layers.dense_vjp)
+    def transposed_products(dense):   # matmul results transposed afterwards (autodiff's rule gives dw that way)
+        eqns = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(dense(args[0], w, args[2]) * g)))(args[1]).jaxpr.eqns
+        products = {v for e in eqns if e.primitive.name == "dot_general" for v in e.outvars}
+        return [e for e in eqns if e.primitive.name == "transpose" and e.invars[0] in products]
+    assert transposed_products(layers.dense) and not transposed_products(layers.dense_vjp)
+
+
+def test_weight_gradient_matches_numpy_and_multiplies_a_materialised_transpose():
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=(9, 5)), rng.normal(size=(9, 4))
+    np.testing.assert_allclose(layers.weight_gradient(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32)),
+                               x.T @ dy, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(layers.weight_gradient).lower(jnp.zeros((9, 5)), jnp.zeros((9, 4))).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert dots and all("lhs_contracting_dims={1}" in line for line in dots), dots   # x^T @ dy, not x contracted on 0
