@@ -25,6 +25,10 @@ variant's step is traced, then restore it):
                  (lstm._Layout) whatever the hidden size
   lstm_dense_autodiff  LSTM shapes: the fused layer's input projection by autodiff (layers.dense) instead of
                  layers.dense_vjp (autodiff's weight gradient is a transposed matmul result)
+  linear_dense_vjp  transformer shapes: layers.Linear through layers.dense_vjp (weight gradients by
+                 layers.weight_gradient) instead of autodiff of layers.dense
+  eigen_weight_grad  layers.weight_gradient as plain x.T @ dy (XLA folds the transpose into the dot: an Eigen
+                 kernel on CPU) instead of materialising x^T for one YNNPACK matmul
   plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as an einsum over
                  [..., in] instead of layers.dense's 2-D matmul (same function, slower weight gradient)
   nnx_linear     transformer shapes: flax's nnx.Linear (autodiff; jaxlm's layer before layers.Linear)
@@ -153,8 +157,8 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
              **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 3, 8)}}
 LARGE_LEAF = {"large_leaf64k": 1 << 16, "large_leaf1": 1}
 VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, *LARGE_LEAF, "attn_autodiff", "lstm_autodiff",
-            "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "nnx_linear",
-            "plain_dense")   # what `patched` and `build` know
+            "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "linear_dense_vjp", "eigen_weight_grad",
+            "nnx_linear", "plain_dense")   # what `patched` and `build` know
 
 
 @contextlib.contextmanager
@@ -163,7 +167,8 @@ def patched(name):
     original, block, fused = attention.MultiHeadAttention.__call__, transformer.Block.__call__, lstm.lstm_scan_fused
     attend = attention.attend
     min_hidden, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.linear
-    dense, dense_vjp = layers.dense, layers.dense_vjp
+    dense, dense_vjp, weight_gradient = layers.dense, layers.dense_vjp, layers.weight_gradient
+    linear_call = layers.Linear.__call__
     large_leaf = optim.LARGE_LEAF
     if name in LARGE_LEAF:
         optim.LARGE_LEAF = LARGE_LEAF[name]
@@ -185,6 +190,11 @@ def patched(name):
             bias_init=nnx.initializers.zeros_init(), rngs=rngs)
     if name == "lstm_dense_autodiff":
         layers.dense_vjp = layers.dense
+    if name == "linear_dense_vjp":
+        layers.Linear.__call__ = lambda self, x: layers.dense_vjp(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype))
+    if name == "eigen_weight_grad":
+        layers.weight_gradient = lambda x, dy: x.T @ dy
     if name == "plain_dense":
         layers.dense = layers.dense_vjp = lambda x, w, b: jnp.einsum("...i,io->...o", x, w) + b
     try:
@@ -193,6 +203,7 @@ def patched(name):
         attention.MultiHeadAttention.__call__, transformer.Block.__call__ = original, block
         lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
         layers.dense, layers.dense_vjp, layers.linear, attention.attend = dense, dense_vjp, linear, attend
+        layers.weight_gradient, layers.Linear.__call__ = weight_gradient, linear_call
         optim.LARGE_LEAF = large_leaf
 
 
