@@ -17,9 +17,9 @@ also keep each model's peak RSS and allocator state its own.
 FLOPs per token:
   * formula: models.FLOPS_PER_TOKEN (6N + attention; the MFU numerator, as in training's train/mfu);
   * xla: the compiled step's cost analysis.  XLA counts every op (elementwise too, and the attention
-    scores as computed: whole diagonal tiles of the causal query blocks), but counts the body of a while loop ONCE, so for recurrent models (a loop over
-    time) it misses all but one step of the recurrence (LSTM small: 0.68x the formula): read it for
-    transformers only;
+    scores as computed: whole diagonal tiles of the causal query blocks), but counts the body of a while
+    loop ONCE, so for recurrent models (a loop over time) it misses all but one step of the recurrence
+    (LSTM small: 0.68x the formula): read it for transformers only;
   * jaxpr: matrix-multiply FLOPs of the step's jaxpr, with scan bodies counted `length` times (and while
     loops with a static trip count that many times).
 
