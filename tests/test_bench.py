@@ -73,6 +73,16 @@ def test_lstm_step_matmul_flops_equal_the_formula_custom_vjp_backward_included()
     assert jaxpr == pytest.approx(formula, rel=1e-9)
 
 
+def test_lstm_step_flops_with_the_first_layer_projecting_the_vocabulary():
+    # LSTM tiny as benchmarked: 2048 tokens per step >= 4 per entry of the 262-entry vocabulary, so the first
+    # layer's input projection (forward and both gradients: 6 * d * 4H FLOPs per token) runs over the 262
+    # vocabulary rows instead of the 2048 tokens; the formula keeps counting the model's FLOPs
+    config, formula, jaxpr, *_ = _step_flops("lstm_tiny", seq_len=128, batch=16)
+    m = config.model
+    projection = 6 * m.d_model * 4 * m.hidden_size
+    assert jaxpr == pytest.approx(formula - projection + projection * 262 / (16 * 128), rel=1e-9)
+
+
 def test_gpt_step_flops_xla_cost_analysis_within_20_percent_of_formula_and_jaxpr_exact():
     config, formula, jaxpr, train_fn, state, tokens = _step_flops("gpt_tiny", seq_len=128)
     m = config.model
@@ -148,6 +158,7 @@ def test_bench_mode_writes_every_field_and_the_table(tmp_path):
     assert m["flops_per_token_xla"] >= m["flops_per_token_jaxpr"]
     assert m["peak_flops"] > 0   # the child's device configuration, as training's train/mfu reads it
     assert m["mfu"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token"] / m["peak_flops"])
+    assert m["mfu_executed"] == pytest.approx(m["tokens_per_sec"] * m["flops_per_token_jaxpr"] / m["peak_flops"])
     assert abs(m["first_loss"] - np.log(262)) < 0.5   # random tokens: the untrained model is near uniform
 
 
@@ -161,14 +172,14 @@ def test_vs_torch_skips_cleanly_without_the_peer_scripts(tmp_path):
 def test_the_table_shows_compile_and_first_step_times_apart():
     row = {"name": "m", "params": 1000, "flops_per_token": 2e6, "flops_per_token_xla": 3e6,
            "flops_per_token_jaxpr": 2.5e6, "tokens_per_sec": 5000.0, "step_ms_median": 40.0, "peak_rss_mb": 600.0,
-           "minor_faults_per_step": 12.0, "mfu": 0.25,
+           "minor_faults_per_step": 12.0, "mfu": 0.25, "mfu_executed": 0.3125,
            "compile_cold": {"compile_s": 1.25, "first_step_s": 1.75},
            "compile_cached": {"compile_s": 0.13, "first_step_s": 0.37}}
     header, _, line = bench.markdown_table([row]).splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
     assert cells["compile s cold / cached"] == "1.25 / 0.13"
     assert cells["first step s cold / cached"] == "1.75 / 0.37"
-    assert cells["MFLOP/token formula / XLA / jaxpr"] == "2.00 / 3.00 / 2.50" and cells["MFU"] == "0.25"
+    assert cells["MFLOP/token formula / XLA / jaxpr"] == "2.00 / 3.00 / 2.50" and cells["MFU model / executed"] == "0.25 / 0.31"
 
 
 def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():

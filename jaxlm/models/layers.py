@@ -79,13 +79,17 @@ class Embed(nnx.Module):
         self.dtype = dtype
         self.embedding = nnx.Param(normal_init(std)(rngs.params(), (num_embeddings, features), jnp.float32))
 
+    def table(self) -> jax.Array:
+        """The whole table [vocab, d] in the compute dtype."""
+        return self.embedding[...].astype(self.dtype)
+
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids int [...] -> vectors [..., d] in the compute dtype."""
-        return jnp.take(self.embedding[...].astype(self.dtype), ids, axis=0)
+        return jnp.take(self.table(), ids, axis=0)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [..., d] -> logits [..., vocab] = h @ E^T, computed in the compute dtype."""
-        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.table())
 
 
 class PositionEmbed(nnx.Module):

@@ -338,11 +338,18 @@ class RNNLayer(nnx.Module):
     def initial_carry(self, batch_size: int):
         return jnp.zeros((batch_size, self.hidden), self.dtype)
 
+    def project(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> the input projection x @ W_ih + b [..., H], for all time steps at once."""
+        return layers.dense(x.astype(self.dtype), self.w_ih[...].astype(self.dtype), self.b[...].astype(self.dtype))
+
+    def recur(self, xw: jax.Array, carry=None):
+        """xw [B, T, H] (from :meth:`project`), carry h0 [B, H] or None (zeros) -> (h [B, T, H], h_T)."""
+        carry = self.initial_carry(xw.shape[0]) if carry is None else carry.astype(self.dtype)
+        return rnn_scan(xw, self.w_hh[...].astype(self.dtype), carry)
+
     def __call__(self, x: jax.Array, carry=None):
         """x [B, T, in], carry h0 [B, H] or None (zeros) -> (h [B, T, H], h_T)."""
-        carry = self.initial_carry(x.shape[0]) if carry is None else carry.astype(self.dtype)
-        xw = layers.dense(x.astype(self.dtype), self.w_ih[...].astype(self.dtype), self.b[...].astype(self.dtype))
-        return rnn_scan(xw, self.w_hh[...].astype(self.dtype), carry)
+        return self.recur(self.project(x), carry)
 
 
 class LSTMLayer(nnx.Module):
@@ -369,20 +376,33 @@ class LSTMLayer(nnx.Module):
         return (jnp.zeros((batch_size, self.out_features), self.dtype),
                 jnp.zeros((batch_size, self.hidden), self.dtype))
 
-    def __call__(self, x: jax.Array, carry=None):
-        """x [B, T, in], carry (h0, c0) or None (zeros) -> (h [B, T, P], (h_T, c_T))."""
+    def project(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> the input projection x @ W_ih + b [..., 4H]: all time steps' gates in one matmul,
+        outside the recurrence."""
         dt = self.dtype
-        carry = self.initial_carry(x.shape[0]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
-        # All time steps' input projections in one matmul, outside the recurrence.
-        project = layers.dense_vjp if self.fused else layers.dense   # fused=False keeps forward mode (jvp)
-        xw = project(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
+        dense = layers.dense_vjp if self.fused else layers.dense   # fused=False keeps forward mode (jvp)
+        return dense(x.astype(dt), self.w_ih[...].astype(dt), self.b[...].astype(dt))
+
+    def recur(self, xw: jax.Array, carry=None):
+        """xw [B, T, 4H] (from :meth:`project`), carry (h0, c0) or None (zeros) -> (h [B, T, P], (h_T, c_T))."""
+        dt = self.dtype
+        carry = self.initial_carry(xw.shape[0]) if carry is None else jax.tree.map(lambda a: a.astype(dt), carry)
         w_p = None if self.w_p is None else self.w_p[...].astype(dt)
         return lstm_scan(xw, self.w_hh[...].astype(dt), w_p, *carry, fused=self.fused)
+
+    def __call__(self, x: jax.Array, carry=None):
+        """x [B, T, in], carry (h0, c0) or None (zeros) -> (h [B, T, P], (h_T, c_T))."""
+        return self.recur(self.project(x), carry)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Language models
 # ----------------------------------------------------------------------------------------------------
+
+
+# RNNLM.__call__ projects the vocabulary instead of the tokens when the call has at least this many tokens per
+# vocabulary entry (RNNLM.projects_by_vocabulary).
+MIN_TOKENS_PER_VOCABULARY_ENTRY = 4
 
 
 class RNNLM(nnx.Module):
@@ -391,7 +411,8 @@ class RNNLM(nnx.Module):
     embedding [V, d_model] -> num_layers recurrent layers (hidden_size) -> [projection to d_model if the
     top layer's width differs] -> logits = h @ E^T + bias (weights tied to the embedding, Press & Wolf
     2017).  Dropout (rate cfg.dropout) on the non-recurrent connections only (Zaremba et al. 2014): the
-    embedding output, between layers and on the top layer's output.
+    embedding output, between layers and on the top layer's output.  Called on tokens, the first layer's
+    input projection is computed per vocabulary entry where that is cheaper (:meth:`projects_by_vocabulary`).
 
     `cfg.projection_size` applies to LSTMLM only; `cfg.remat` is ignored (the recurrence stores only
     per-step activations).
@@ -424,18 +445,33 @@ class RNNLM(nnx.Module):
         """tokens int [B, T] -> embeddings [B, T, d_model] (compute dtype)."""
         return self.embedding(tokens)
 
-    def _stack(self, x, carry, dropout_key):
-        """x [B, T, d] -> (list of per-layer outputs [B, T, *], new carry, top output)."""
+    def _stack(self, x, carry, dropout_key, *, first_projection=None):
+        """x [B, T, d] -> (list of per-layer outputs [B, T, *], new carry, top output).
+
+        `first_projection`: the first layer's input projection of x, already computed (x is then unused).
+        """
         keys = layers.split_keys(dropout_key, len(self.layers) + 1)
-        carry = self.initial_carry(x.shape[0]) if carry is None else carry
+        batch = (x if first_projection is None else first_projection).shape[0]
+        carry = self.initial_carry(batch) if carry is None else carry
         h = x
         outputs, new_carry = [], []
-        for layer, layer_carry, key in zip(self.layers, carry, keys):
-            h, c = layer(layers.dropout(h, self.dropout_rate, key), layer_carry)
+        for i, (layer, layer_carry, key) in enumerate(zip(self.layers, carry, keys)):
+            if i == 0 and first_projection is not None:
+                h, c = layer.recur(first_projection, layer_carry)
+            else:
+                h, c = layer(layers.dropout(h, self.dropout_rate, key), layer_carry)
             outputs.append(h)
             new_carry.append(c)
         top = layers.dropout(h, self.dropout_rate, keys[-1])
         return outputs, tuple(new_carry), top
+
+    def _logits(self, top):
+        """Top layer output [B, T, *] -> logits [B, T, V] float32 (tied to the embedding)."""
+        if self.out_proj is not None:
+            top = top @ self.out_proj[...].astype(self.dtype)
+        logits = self.embedding.attend(top)
+        logits = logits + self.logit_bias[...].astype(self.dtype)
+        return logits.astype(jnp.float32)
 
     def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
         """x [B, T, d_model] (e.g. from :meth:`embed`) -> (logits [B, T, V] float32, new carry).
@@ -445,15 +481,35 @@ class RNNLM(nnx.Module):
         """
         del mask
         _, new_carry, top = self._stack(x, carry, dropout_key)
-        if self.out_proj is not None:
-            top = top @ self.out_proj[...].astype(self.dtype)
-        logits = self.embedding.attend(top)
-        logits = logits + self.logit_bias[...].astype(self.dtype)
-        return logits.astype(jnp.float32), new_carry
+        return self._logits(top), new_carry
+
+    def projects_by_vocabulary(self, tokens: jax.Array, dropout_key=None) -> bool:
+        """Whether :meth:`__call__` computes the first layer's input projection per vocabulary entry.
+
+        Embedding then projecting is a row lookup followed by a matmul, so
+        ``E[tokens] @ W_ih + b == (E @ W_ih + b)[tokens]``: with fewer vocabulary entries than tokens the
+        right-hand side is the same function for a fraction of the matmul FLOPs (forward and both gradients:
+        [V, d] instead of [B * T, d] rows; the gradient reaches E through a [V, 4H] scatter-add).  Used when
+        the call has at least MIN_TOKENS_PER_VOCABULARY_ENTRY tokens per entry (each device of a data-parallel
+        run projects the whole vocabulary: with up to that many devices, no more rows than its own tokens), as
+        in a character model's training batches but not one-token generation steps or most BPE vocabularies,
+        and not under embedding dropout (which acts between the lookup and the matmul).
+        """
+        entries = self.embedding.embedding.shape[0]
+        dropout = self.dropout_rate > 0.0 and dropout_key is not None
+        return not dropout and entries * MIN_TOKENS_PER_VOCABULARY_ENTRY <= tokens.size
 
     def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
-        """tokens int [B, T] -> (logits [B, T, V] float32, new carry); carry None = zeros."""
-        return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
+        """tokens int [B, T] -> (logits [B, T, V] float32, new carry); carry None = zeros.
+
+        Same function as ``forward_from_embeddings(embed(tokens))``; see :meth:`projects_by_vocabulary`.
+        """
+        if not self.projects_by_vocabulary(tokens, dropout_key):
+            return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
+        per_entry = self.layers[0].project(self.embedding.table())              # [V, 4H]
+        _, new_carry, top = self._stack(None, carry, dropout_key,
+                                        first_projection=jnp.take(per_entry, tokens, axis=0))
+        return self._logits(top), new_carry
 
     def step(self, token: jax.Array, carry=None):
         """One token per row, O(1) work: token int [B] -> (logits [B, V] float32, new carry)."""

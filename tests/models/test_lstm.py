@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 
 from jaxlm import config as config_lib
 from jaxlm.models import lstm
@@ -201,6 +202,56 @@ def test_fused_lstm_lm_gradients_equal_unfused_forward_mode(projection):
     _, forward = jax.jvp(loss_u, (params_u,), (v,))
     reverse = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads_f), jax.tree.leaves(v)))
     np.testing.assert_allclose(reverse, forward, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,projection,fused", [("rnn", 0, True), ("lstm", 0, True), ("lstm", 12, True),
+                                                    ("lstm", 0, False)])
+def test_vocabulary_projection_equals_embedding_then_projection(name, projection, fused):
+    """Called on tokens, the first layer projects the vocabulary ((E @ W_ih + b)[tokens]); against the
+    straightforward E[tokens] @ W_ih + b (forward_from_embeddings): logits, carry and every gradient."""
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    kwargs = {} if name == "rnn" else {"fused": fused}
+    model = cls(_cfg(name, projection_size=projection), 11, rngs=nnx.Rngs(params=0), **kwargs)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 11, (3, 20)), jnp.int32)
+    carry = jax.tree.map(lambda c: _normal(c.size, c.shape, scale=0.5), model.initial_carry(3))
+    assert model.projects_by_vocabulary(tokens[:, :-1])   # 57 tokens >= 4 per entry of 11
+    graphdef, params = nnx.split(model)
+
+    def loss(params, by_vocabulary):
+        m = nnx.merge(graphdef, params)
+        logits, new_carry = (m(tokens[:, :-1], carry) if by_vocabulary
+                             else m.forward_from_embeddings(m.embed(tokens[:, :-1]), carry))
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return xent + sum(jnp.sum(c ** 2) for c in jax.tree.leaves(new_carry)), (logits, new_carry)
+
+    (_, out_v), grads_v = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+    (_, out_e), grads_e = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+    for a, b in zip(jax.tree.leaves(out_v), jax.tree.leaves(out_e)):
+        assert _rel_err(a, b) < 1e-5
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads_v)]
+    assert any("embedding" in n for n in names)
+    for n, a, b in zip(names, jax.tree.leaves(grads_v), jax.tree.leaves(grads_e)):
+        assert _rel_err(a, b) < 1e-5, n
+    # the path is taken: the first layer's matmul has the vocabulary's 11 rows, not the batch's 57 tokens
+    eqns = jax.make_jaxpr(lambda p: loss(p, True)[0])(params).eqns
+    shapes = str([e.invars[0].aval.shape for e in _all_eqns(eqns) if e.primitive.name == "dot_general"])
+    assert "(11, 16)" in shapes and "(57, 16)" not in shapes, shapes
+
+
+def _all_eqns(eqns):
+    for e in eqns:
+        yield e
+        for sub in jex_core.jaxprs_in_params(e.params):
+            yield from _all_eqns(sub.eqns)
+
+
+def test_vocabulary_projection_only_where_it_saves_and_not_under_embedding_dropout():
+    model = lstm.LSTMLM(_cfg(dropout=0.1), 11, rngs=nnx.Rngs(params=0))
+    many, few = jnp.zeros((4, 11), jnp.int32), jnp.zeros((4, 10), jnp.int32)
+    assert lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY == 4
+    assert model.projects_by_vocabulary(many) and not model.projects_by_vocabulary(few)   # 44 vs 40 tokens
+    assert not model.projects_by_vocabulary(many, jax.random.key(0))   # dropout between lookup and matmul
+    assert lstm.LSTMLM(_cfg(), 11, rngs=nnx.Rngs(params=0)).projects_by_vocabulary(many, jax.random.key(0))
 
 
 # --- initialisation ----------------------------------------------------------------------------------
