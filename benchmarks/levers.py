@@ -27,6 +27,8 @@ variant's step is traced, then restore it):
                  layers.dense_vjp (autodiff's weight gradient is a transposed matmul result)
   linear_dense_vjp  transformer shapes: layers.Linear through layers.dense_vjp (weight gradients by
                  layers.weight_gradient) instead of autodiff of layers.dense
+  token_projection  LSTM shapes: the first layer projects every token's embedding (lstm.RNNLM.__call__ through
+                 forward_from_embeddings) instead of projecting the vocabulary and gathering rows
   eigen_weight_grad  layers.weight_gradient as plain x.T @ dy (XLA folds the transpose into the dot: an Eigen
                  kernel on CPU) instead of materialising x^T for one YNNPACK matmul
   plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as an einsum over
@@ -157,8 +159,8 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
              **{f"query_blocks{n}": {"model.attention_query_blocks": n} for n in (1, 2, 3, 8)}}
 LARGE_LEAF = {"large_leaf64k": 1 << 16, "large_leaf1": 1}
 VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, *LARGE_LEAF, "attn_autodiff", "lstm_autodiff",
-            "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "linear_dense_vjp", "eigen_weight_grad",
-            "nnx_linear", "plain_dense")   # what `patched` and `build` know
+            "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "linear_dense_vjp", "token_projection",
+            "eigen_weight_grad", "nnx_linear", "plain_dense")   # what `patched` and `build` know
 
 
 @contextlib.contextmanager
@@ -169,7 +171,9 @@ def patched(name):
     min_hidden, linear = lstm.FEATURE_MAJOR_MIN_HIDDEN, layers.linear
     dense, dense_vjp, weight_gradient = layers.dense, layers.dense_vjp, layers.weight_gradient
     linear_call = layers.Linear.__call__
-    large_leaf = optim.LARGE_LEAF
+    large_leaf, per_entry = optim.LARGE_LEAF, lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY
+    if name == "token_projection":
+        lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY = 1 << 62
     if name in LARGE_LEAF:
         optim.LARGE_LEAF = LARGE_LEAF[name]
     if name in PATCHES:
@@ -204,7 +208,7 @@ def patched(name):
         lstm.lstm_scan_fused, lstm.FEATURE_MAJOR_MIN_HIDDEN = fused, min_hidden
         layers.dense, layers.dense_vjp, layers.linear, attention.attend = dense, dense_vjp, linear, attend
         layers.weight_gradient, layers.Linear.__call__ = weight_gradient, linear_call
-        optim.LARGE_LEAF = large_leaf
+        optim.LARGE_LEAF, lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY = large_leaf, per_entry
 
 
 def build(shape: str, name: str):
