@@ -41,20 +41,24 @@ def flip_sequences(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def run_stack(stack, x: jax.Array, *, dropout_rate: float = 0.0, keys=None) -> list:
+def run_stack(stack, x: jax.Array | None, *, dropout_rate: float = 0.0, keys=None, first_projection=None) -> list:
     """Runs a stack of LSTM layers left to right with residual connections from the second layer on.
 
     h_1 = lstm_1(x);  h_l = lstm_l(h_{l-1}) + h_{l-1} for l >= 2 (dropout, if any, on each layer's input).
     Args:
       stack: sequence of :class:`lstm.LSTMLayer` mapping d -> d.
       x: [B, T, d].  keys: one dropout key (or None) per layer.
+      first_projection: the first layer's input projection of x, already computed (x is then unused).
     Returns:
       list of the layers' outputs, each [B, T, d].
     """
     keys = [None] * len(stack) if keys is None else keys
     outputs, h = [], x
     for n, (layer, key) in enumerate(zip(stack, keys)):
-        y, _ = layer(layers.dropout(h, dropout_rate, key))
+        if n == 0 and first_projection is not None:
+            y, _ = layer.recur(first_projection)
+        else:
+            y, _ = layer(layers.dropout(h, dropout_rate, key))
         h = y if n == 0 else y + h
         outputs.append(h)
     return outputs
@@ -93,14 +97,28 @@ class ELMo(nnx.Module):
         """tokens int [B, T] -> embeddings [B, T, d] (compute dtype)."""
         return self.embedding(tokens)
 
-    def _directions(self, x, mask, dropout_key):
-        """x [B, T, d] -> (forward outputs, backward outputs): lists of [B, T, d], one per layer."""
-        lengths = (jnp.full((x.shape[0],), x.shape[1], jnp.int32) if mask is None
+    def _directions(self, x, mask, dropout_key, tokens=None):
+        """x [B, T, d] -> (forward outputs, backward outputs): lists of [B, T, d], one per layer.
+
+        With `tokens` (x's ids; x is then unused) each direction's first layer projects the vocabulary
+        (`lstm.vocabulary_projection`; the backward one reads the row-flipped tokens).
+        """
+        like = x if tokens is None else tokens
+        lengths = (jnp.full((like.shape[0],), like.shape[1], jnp.int32) if mask is None
                    else jnp.sum(mask, axis=1, dtype=jnp.int32))
         keys = layers.split_keys(dropout_key, 2 * self.num_layers)
-        fwd = run_stack(self.forward_layers, x, dropout_rate=self.dropout_rate, keys=keys[:self.num_layers])
-        bwd = run_stack(self.backward_layers, flip_sequences(x, lengths), dropout_rate=self.dropout_rate,
-                        keys=keys[self.num_layers:])
+        directions = []
+        for stack, flip, stack_keys in ((self.forward_layers, False, keys[:self.num_layers]),
+                                        (self.backward_layers, True, keys[self.num_layers:])):
+            if tokens is None:
+                outputs = run_stack(stack, flip_sequences(x, lengths) if flip else x, dropout_rate=self.dropout_rate,
+                                    keys=stack_keys)
+            else:
+                ids = flip_sequences(tokens, lengths) if flip else tokens
+                outputs = run_stack(stack, None, dropout_rate=self.dropout_rate, keys=stack_keys,
+                                    first_projection=lstm.vocabulary_projection(stack[0], self.embedding, ids))
+            directions.append(outputs)
+        fwd, bwd = directions
         return fwd, [flip_sequences(h, lengths) for h in bwd]
 
     def _logits(self, h, key):
@@ -114,12 +132,26 @@ class ELMo(nnx.Module):
         forward_logits[:, t] predicts token t+1; backward_logits[:, t] predicts token t-1.
         """
         del carry
+        return self._forward(x, None, mask, dropout_key)
+
+    def _forward(self, x, tokens, mask, dropout_key):
         keys = layers.split_keys(dropout_key, 3)
-        fwd, bwd = self._directions(x, mask, keys[0])
+        fwd, bwd = self._directions(x, mask, keys[0], tokens)
         return (self._logits(fwd[-1], keys[1]), self._logits(bwd[-1], keys[2])), None
 
+    def projects_by_vocabulary(self, tokens: jax.Array, dropout_key=None) -> bool:
+        """Whether :meth:`__call__` computes the first layers' input projections per vocabulary entry
+        (`lstm.projects_by_vocabulary`)."""
+        return lstm.projects_by_vocabulary(self.embedding.embedding.shape[0], tokens, self.dropout_rate,
+                                           dropout_key)
+
     def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
-        """tokens int [B, T], mask bool [B, T] (right padding) -> ((fwd_logits, bwd_logits), None)."""
+        """tokens int [B, T], mask bool [B, T] (right padding) -> ((fwd_logits, bwd_logits), None).
+
+        Same function as ``forward_from_embeddings(embed(tokens))``; see :meth:`projects_by_vocabulary`.
+        """
+        if self.projects_by_vocabulary(tokens, dropout_key):
+            return self._forward(None, tokens, mask, dropout_key)
         return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
 
     def embeddings(self, tokens, mask=None) -> jax.Array:

@@ -400,9 +400,30 @@ class LSTMLayer(nnx.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-# RNNLM.__call__ projects the vocabulary instead of the tokens when the call has at least this many tokens per
-# vocabulary entry (RNNLM.projects_by_vocabulary).
+# Language models called on tokens project the vocabulary instead of the tokens when the call has at least this
+# many tokens per vocabulary entry (projects_by_vocabulary).
 MIN_TOKENS_PER_VOCABULARY_ENTRY = 4
+
+
+def projects_by_vocabulary(vocab_size: int, tokens: jax.Array, dropout_rate: float, dropout_key) -> bool:
+    """Whether a recurrent LM's first layer should compute its input projection per vocabulary entry.
+
+    Embedding then projecting is a row lookup followed by a matmul, so ``E[tokens] @ W_ih + b ==
+    (E @ W_ih + b)[tokens]`` (:func:`vocabulary_projection`): with fewer vocabulary entries than tokens the
+    right-hand side is the same function for a fraction of the matmul FLOPs (forward and both gradients:
+    [V, d] instead of [B * T, d] rows; the gradient reaches E through a [V, 4H] scatter-add).  Used when
+    the call has at least MIN_TOKENS_PER_VOCABULARY_ENTRY tokens per entry (each device of a data-parallel
+    run projects the whole vocabulary: with up to that many devices, no more rows than its own tokens), as
+    in a character model's training batches but not one-token generation steps or most BPE vocabularies,
+    and not under embedding dropout (which acts between the lookup and the matmul).
+    """
+    dropout = dropout_rate > 0.0 and dropout_key is not None
+    return not dropout and vocab_size * MIN_TOKENS_PER_VOCABULARY_ENTRY <= tokens.size
+
+
+def vocabulary_projection(layer, embedding: layers.Embed, tokens: jax.Array) -> jax.Array:
+    """``layer.project(embedding(tokens))`` computed as ``layer.project(E)[tokens]``: [B, T, 4H] (or [B, T, H])."""
+    return jnp.take(layer.project(embedding.table()), tokens, axis=0)
 
 
 class RNNLM(nnx.Module):
@@ -484,20 +505,9 @@ class RNNLM(nnx.Module):
         return self._logits(top), new_carry
 
     def projects_by_vocabulary(self, tokens: jax.Array, dropout_key=None) -> bool:
-        """Whether :meth:`__call__` computes the first layer's input projection per vocabulary entry.
-
-        Embedding then projecting is a row lookup followed by a matmul, so
-        ``E[tokens] @ W_ih + b == (E @ W_ih + b)[tokens]``: with fewer vocabulary entries than tokens the
-        right-hand side is the same function for a fraction of the matmul FLOPs (forward and both gradients:
-        [V, d] instead of [B * T, d] rows; the gradient reaches E through a [V, 4H] scatter-add).  Used when
-        the call has at least MIN_TOKENS_PER_VOCABULARY_ENTRY tokens per entry (each device of a data-parallel
-        run projects the whole vocabulary: with up to that many devices, no more rows than its own tokens), as
-        in a character model's training batches but not one-token generation steps or most BPE vocabularies,
-        and not under embedding dropout (which acts between the lookup and the matmul).
-        """
-        entries = self.embedding.embedding.shape[0]
-        dropout = self.dropout_rate > 0.0 and dropout_key is not None
-        return not dropout and entries * MIN_TOKENS_PER_VOCABULARY_ENTRY <= tokens.size
+        """Whether :meth:`__call__` computes the first layer's input projection per vocabulary entry
+        (module function :func:`projects_by_vocabulary`)."""
+        return projects_by_vocabulary(self.embedding.embedding.shape[0], tokens, self.dropout_rate, dropout_key)
 
     def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
         """tokens int [B, T] -> (logits [B, T, V] float32, new carry); carry None = zeros.
@@ -506,9 +516,8 @@ class RNNLM(nnx.Module):
         """
         if not self.projects_by_vocabulary(tokens, dropout_key):
             return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
-        per_entry = self.layers[0].project(self.embedding.table())              # [V, 4H]
-        _, new_carry, top = self._stack(None, carry, dropout_key,
-                                        first_projection=jnp.take(per_entry, tokens, axis=0))
+        first_projection = vocabulary_projection(self.layers[0], self.embedding, tokens)
+        _, new_carry, top = self._stack(None, carry, dropout_key, first_projection=first_projection)
         return self._logits(top), new_carry
 
     def step(self, token: jax.Array, carry=None):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxlm import config as config_lib
+from jaxlm import bench, config as config_lib
 from jaxlm.models import elmo, scalar_mix
 
 
@@ -65,6 +65,39 @@ def test_backward_stack_is_forward_stack_on_reversed_rows_with_padding():
         for b, n in enumerate(LENGTHS):
             np.testing.assert_allclose(reps[layer + 1, b, :n, :d], fwd[layer][b, :n], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(reps[layer + 1, b, :n, d:], bwd[layer][b, :n][::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_projection_equals_embedding_then_projection_with_padding():
+    """Called on tokens, both directions' first layers project the vocabulary (the backward one gathers the
+    row-flipped ids); against forward_from_embeddings(embed(tokens)): both logits and every gradient."""
+    model = _model()
+    lengths = np.array([20, 13, 5])
+    mask = jnp.asarray(np.arange(20)[None, :] < lengths[:, None])
+    tokens = jnp.where(mask, jnp.asarray(np.random.default_rng(6).integers(1, 11, (3, 20)), jnp.int32), 0)
+    assert model.projects_by_vocabulary(tokens)   # 60 tokens >= 4 per entry of 11
+    graphdef, params = nnx.split(model)
+
+    def loss(params, by_vocabulary):
+        m = nnx.merge(graphdef, params)
+        (fwd, bwd), _ = (m(tokens, mask=mask) if by_vocabulary
+                         else m.forward_from_embeddings(m.embed(tokens), mask=mask))
+        xent = optax.softmax_cross_entropy_with_integer_labels
+        return (jnp.sum(jnp.where(mask[:, :-1], xent(fwd[:, :-1], tokens[:, 1:]), 0.0))
+                + jnp.sum(jnp.where(mask[:, 1:], xent(bwd[:, 1:], tokens[:, :-1]), 0.0))), (fwd, bwd)
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, out_v), grads_v = grad(params, True)
+    (_, out_e), grads_e = grad(params, False)
+    for a, b in zip(out_v, out_e):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads_v)]
+    for n, a, b in zip(names, jax.tree.leaves(grads_v), jax.tree.leaves(grads_e)):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert scale > 0 and float(jnp.max(jnp.abs(a - b))) < 1e-5 * scale, n
+    # the path is taken: each direction's first projection (forward, and the two gradients: 3 matmuls of
+    # 2 * rows * d * 4H) runs over the 11 entries instead of the 60 tokens
+    flops = {v: bench.matmul_flops(jax.make_jaxpr(jax.grad(lambda p: loss(p, v)[0]))(params)) for v in (True, False)}
+    assert flops[False] - flops[True] == 2 * 3 * 2 * (60 - 11) * 8 * 48
 
 
 def test_real_positions_ignore_padding_contents():
