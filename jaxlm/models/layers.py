@@ -84,8 +84,13 @@ class Embed(nnx.Module):
         return self.embedding[...].astype(self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids int [...] -> vectors [..., d] in the compute dtype."""
-        return jnp.take(self.table(), ids, axis=0)
+        """ids int [...] -> vectors [..., d] in the compute dtype.
+
+        Gathered from the float32 table and then cast (the same values), so that the gradient's scatter-add
+        sums each row's many tokens in float32: with bfloat16 rows, a bfloat16 LSTM's embedding gradient was 7%
+        off the float32 model's (0.7% this way; tests/models/test_lstm.py).
+        """
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """h [..., d] -> logits [..., vocab] = h @ E^T, computed in the compute dtype."""
