@@ -4,10 +4,11 @@ For each model (the reference SHAPES below, or only the --config's model) bench 
 training FLOPs per token three ways, tokens/s and step time (medians after warm-up), first-step compile
 time cold (empty persistent cache) and from the persistent cache, peak memory, page faults per step and
 MFU, of the model's FLOPs (the formula below, as training's train/mfu and PyTorch's 6N count) and of the FLOPs
-the step executes (the jaxpr count: fewer where an LSTM projects its vocabulary instead of its tokens,
-`lstm.RNNLM.projects_by_vocabulary`; more for the causal attention's diagonal tiles).  The MFU denominator
-is what training's train/mfu divides by: the matmul peak through XLA of the run's device configuration with
-every device busy (perf.measure_matmul_peak), measured again in the model's child and kept at its highest.  It writes WORKDIR/bench.json and prints a markdown table.
+the step executes (the jaxpr count: fewer where a recurrent LM projects its vocabulary instead of its tokens,
+`lstm.projects_by_vocabulary`; more for the causal attention's diagonal tiles).  The MFU denominator is what
+training's train/mfu divides by: the matmul peak through XLA of the run's device configuration with every
+device busy (perf.measure_matmul_peak), measured again in the model's child and kept at its highest.  It
+writes WORKDIR/bench.json and prints a markdown table.
 
 What is timed is what `--mode=train` runs: the real train step (StepSpec + parallel.DataParallel, AdamW
 with clipping from config.optim, stateful truncated BPTT for recurrent models as torch_lstm.py does) on
@@ -307,7 +308,8 @@ def child_main(what: str, model_dir: str, cache_dir: str) -> dict:
         state, metrics = dp.train_step(state, batch(i))
         jax.block_until_ready(metrics)
     times, i = [], WARMUP_STEPS
-    usage0, wall0, cpu0, busy0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time(), _other_cpu_seconds()
+    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu0, busy0 = time.process_time(), _other_cpu_seconds()
     while len(times) < MIN_STEPS or (sum(times) < TIMED_SECONDS and len(times) < MAX_STEPS):
         start = time.perf_counter()
         state, metrics = dp.train_step(state, batch(i))

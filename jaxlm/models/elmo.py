@@ -103,8 +103,8 @@ class ELMo(nnx.Module):
         With `tokens` (x's ids; x is then unused) each direction's first layer projects the vocabulary
         (`lstm.vocabulary_projection`; the backward one reads the row-flipped tokens).
         """
-        like = x if tokens is None else tokens
-        lengths = (jnp.full((like.shape[0],), like.shape[1], jnp.int32) if mask is None
+        batch, steps = (x if tokens is None else tokens).shape[:2]
+        lengths = (jnp.full((batch,), steps, jnp.int32) if mask is None
                    else jnp.sum(mask, axis=1, dtype=jnp.int32))
         keys = layers.split_keys(dropout_key, 2 * self.num_layers)
         directions = []
