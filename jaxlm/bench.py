@@ -24,7 +24,9 @@ FLOPs per token:
     loop ONCE, so for recurrent models (a loop over time) it misses all but one step of the recurrence
     (LSTM small: 0.68x the formula): read it for transformers only;
   * jaxpr: matrix-multiply FLOPs of the step's jaxpr, with scan bodies counted `length` times (and while
-    loops with a static trip count that many times).
+    loops with a static trip count that many times).  Work that every data-parallel device repeats counts
+    once: the recurrent LMs' vocabulary projection (~2% of LSTM small's step on 2 devices), so the executed
+    MFU reads that much low there.
 
 The allocator matters as much as the code (shared/bench/README.md): launch.py re-executes itself with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless --nohugepages; bench.json records the setting.
