@@ -29,6 +29,9 @@ variant's step is traced, then restore it):
                  layers.weight_gradient) instead of autodiff of layers.dense
   token_projection  LSTM shapes: the first layer projects every token's embedding (lstm.RNNLM.__call__ through
                  forward_from_embeddings) instead of projecting the vocabulary and gathering rows
+  mlm_head_everywhere  masked-LM configs (e.g. --shape=experiments/bert_bpe.py): the final LN, MLM head and output
+                 projection at every position, the loss over the selected ones (step.masked_lm_sums runs them only
+                 at the <= objectives.max_selected(T, p) selected positions per row)
   eigen_weight_grad  layers.weight_gradient as plain x.T @ dy (XLA folds the transpose into the dot: an Eigen
                  kernel on CPU) instead of materialising x^T for one YNNPACK matmul
   plain_dense    every dense layer (transformer Linear layers, the LSTM input projection) as an einsum over
@@ -38,6 +41,9 @@ variant's step is traced, then restore it):
                  they are instead of being concatenated into the flat AdamW vectors (1: every array, per leaf)
 
   python benchmarks/levers.py --shape=gpt_small --variants=base,tanh_gelu,attn_bias --rounds=15
+  python benchmarks/levers.py --shape=experiments/bert_bpe.py --variants=base,mlm_head_everywhere
+
+--shape is a reference shape (jaxlm/bench.py SHAPES) or an experiment file's get_config().
 
 Process-level levers (XLA flags, the allocator) need separate processes: benchmarks/ab.py.
 """
@@ -47,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import runpy
 import statistics
 import sys
 import time
@@ -59,9 +66,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxlm import bench, parallel  # noqa: E402
+from jaxlm import bench, config as config_lib, objectives, parallel  # noqa: E402
 from jaxlm.models import attention, layers, lstm, transformer  # noqa: E402
-from jaxlm.train import optim  # noqa: E402
+from jaxlm.train import optim, step  # noqa: E402
 
 
 def _causal_out(self, x, y_fn):
@@ -160,7 +167,7 @@ OVERRIDES = {"tanh_gelu": {"model.gelu_approximate": True}, "bf16": {"model.dtyp
 LARGE_LEAF = {"large_leaf64k": 1 << 16, "large_leaf1": 1}
 VARIANTS = ("base", *OVERRIDES, *PATCHES, *BLOCK_PATCHES, *LARGE_LEAF, "attn_autodiff", "lstm_autodiff",
             "lstm_batch_major", "lstm_feature_major", "lstm_dense_autodiff", "linear_dense_vjp", "token_projection",
-            "eigen_weight_grad", "nnx_linear", "plain_dense")   # what `patched` and `build` know
+            "mlm_head_everywhere", "eigen_weight_grad", "nnx_linear", "plain_dense")   # what `patched` and `build` know
 
 
 @contextlib.contextmanager
@@ -172,6 +179,9 @@ def patched(name):
     dense, dense_vjp, weight_gradient = layers.dense, layers.dense_vjp, layers.weight_gradient
     linear_call = layers.Linear.__call__
     large_leaf, per_entry = optim.LARGE_LEAF, lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY
+    mlm_sums = step.masked_lm_sums
+    if name == "mlm_head_everywhere":
+        step.masked_lm_sums = mlm_head_everywhere
     if name == "token_projection":
         lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY = 1 << 62
     if name in LARGE_LEAF:
@@ -209,10 +219,29 @@ def patched(name):
         layers.dense, layers.dense_vjp, layers.linear, attention.attend = dense, dense_vjp, linear, attend
         layers.weight_gradient, layers.Linear.__call__ = weight_gradient, linear_call
         optim.LARGE_LEAF, lstm.MIN_TOKENS_PER_VOCABULARY_ENTRY = large_leaf, per_entry
+        step.masked_lm_sums = mlm_sums
+
+
+def mlm_head_everywhere(spec, params, inputs, *, dropout_key, mask_key):
+    """step.masked_lm_sums with the model's output layers at all T positions (the same selection and loss)."""
+    masked, selected = objectives.mask_tokens(
+        inputs, mask_key, mask_prob=spec.mask_prob, mask_id=spec.mask_id, vocab_size=spec.vocab_size,
+        special_ids=spec.special_ids, max_per_row=objectives.max_selected(inputs.shape[1], spec.mask_prob))
+    logits, _ = nnx.merge(spec.graphdef, params)(masked, dropout_key=dropout_key)
+    return objectives.masked_lm_loss(logits, inputs, selected)
+
+
+def shape_config(shape: str):
+    """A reference shape's config, or an experiment file's (--shape=experiments/bert_bpe.py)."""
+    if not shape.endswith(".py"):
+        return bench.shape_config(shape)
+    config = runpy.run_path(shape)["get_config"]()
+    config_lib.validate(config)
+    return config
 
 
 def build(shape: str, name: str):
-    config = bench.shape_config(shape)
+    config = shape_config(shape)
     for key, value in OVERRIDES.get(name, {}).items():
         section, leaf = key.split(".")
         config[section][leaf] = value
@@ -248,13 +277,14 @@ def main():
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     problem = (f"unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}" if unknown else
-               f"unknown --shape={a.shape!r}; choose from {', '.join(bench.SHAPES)}" if a.shape not in bench.SHAPES else
+               f"unknown --shape={a.shape!r}; choose from {', '.join(bench.SHAPES)} or an experiment file"
+               if a.shape not in bench.SHAPES and not os.path.isfile(a.shape) else
                f"invalid --rounds={a.rounds} / --block={a.block}: both must be at least 1"
                if min(a.rounds, a.block) < 1 else None)
     if problem:   # an unknown name would otherwise be timed as the base code under its own name
         print(f"levers.py: error: {problem}", file=sys.stderr)
         return 2
-    devices = parallel.configure_cpu_devices(bench.shape_config(a.shape))   # as launched: one device per core
+    devices = parallel.configure_cpu_devices(shape_config(a.shape))   # as launched: one device per core
     print(f"{jax.device_count()} device(s) ({'parallel.cpu_devices' if devices else 'XLA_FLAGS'})", file=sys.stderr)
     built = {n: build(a.shape, n) for n in names}
     print("first-step losses (same init and batch => equal up to the variant's function change): "

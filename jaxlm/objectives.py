@@ -7,9 +7,14 @@ Cross-entropy is in nats, a float32 log-softmax (logsumexp - target logit) whate
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# A row selects more than max_selected(T, p) positions for masked-LM with at most this probability.
+SELECTION_CAP_TAIL = 1e-9
 
 
 def _weighted_ce(logits, targets, weights):
@@ -45,22 +50,56 @@ def masked_lm_loss(logits, targets, selected):
     """BERT masked-LM cross-entropy over exactly the selected positions.
 
     Args:
-      logits: [B, T, V] from the encoder run on the corrupted inputs.
-      targets: int [B, T], the ORIGINAL tokens.
-      selected: bool [B, T] from :func:`mask_tokens` (True = position was selected for prediction).
+      logits: [B, T, V] from the encoder run on the corrupted inputs (or [B, K, V] at gathered positions).
+      targets: int [B, T], the ORIGINAL tokens (or [B, K] at those positions).
+      selected: bool [B, T] from :func:`mask_tokens` (True = position was selected for prediction; or the
+        `real` slots of :func:`selected_positions`).
     Returns:
       (loss_sum, count, correct_sum) float32 scalars.
     """
     return _weighted_ce(logits, targets, selected)
 
 
-def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int, special_ids, valid=None):
+def max_selected(length: int, mask_prob: float, tail: float = SELECTION_CAP_TAIL) -> int:
+    """The smallest K with P(Binomial(length, mask_prob) > K) <= tail: a per-row cap on masked-LM selections.
+
+    Like BERT's max_predictions_per_seq it gives the prediction positions a static count (so the MLM head
+    runs at K positions instead of `length`), but set in the binomial tail, so it practically never binds.
+    """
+    if mask_prob <= 0.0:
+        return 0
+    if mask_prob >= 1.0:
+        return length
+    log_p, log_q = math.log(mask_prob), math.log1p(-mask_prob)
+    log_pmf = [math.lgamma(length + 1) - math.lgamma(k + 1) - math.lgamma(length - k + 1) + k * log_p
+               + (length - k) * log_q for k in range(length + 1)]
+    above = 0.0   # P(X > k), summed from the top so small terms are not lost
+    for k in range(length, -1, -1):
+        if above > tail:
+            return k + 1
+        above += math.exp(log_pmf[k])
+    return 0
+
+
+def selected_positions(selected, count: int):
+    """bool [B, T] with at most `count` True per row -> (positions int32 [B, count], real bool [B, count]).
+
+    Each row's selected positions in increasing order, then padding slots (real False) pointing at unselected
+    positions; gathering a [B, T, ...] array at `positions` and weighting by `real` keeps exactly the selection.
+    """
+    positions = jnp.argsort(~selected, axis=1, stable=True)[:, :count].astype(jnp.int32)
+    return positions, jnp.take_along_axis(selected, positions, axis=1)
+
+
+def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int, special_ids, valid=None,
+                max_per_row: int | None = None):
     """BERT corruption (Devlin et al. 2019, section 3.1 / appendix A.1).
 
     Each eligible token (real, i.e. `valid`, and not a special token) is selected independently with
     probability `mask_prob` (a per-token Bernoulli, so the number selected varies around mask_prob * N).
     Of the selected: 80% become `mask_id`, 10% a token drawn uniformly from the NON-special vocabulary
     (possibly the original token, as in BERT), 10% are left unchanged.  Unselected tokens never change.
+    With `max_per_row` (see :func:`max_selected`) a row keeps only its first max_per_row selections.
 
     Args:
       tokens: int [B, T] original tokens.
@@ -70,6 +109,7 @@ def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int,
       vocab_size: vocabulary size including specials.
       special_ids: ids never selected and never drawn as random replacements (static sequence of ints).
       valid: bool [B, T], True = real token (False = padding), or None for all real.
+      max_per_row: at most this many selected positions per row (None = no cap).
     Returns:
       (inputs int32 [B, T], selected bool [B, T]).
     """
@@ -83,6 +123,8 @@ def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int,
         eligible = eligible & jnp.asarray(valid, bool)
     k_select, k_action, k_random = jax.random.split(rng, 3)
     selected = jax.random.bernoulli(k_select, mask_prob, tokens.shape) & eligible
+    if max_per_row is not None:
+        selected = selected & (jnp.cumsum(selected, axis=1) <= max_per_row)
     u = jax.random.uniform(k_action, tokens.shape)
     to_mask = selected & (u < 0.8)
     to_random = selected & (u >= 0.8) & (u < 0.9)

@@ -1,5 +1,8 @@
 """Objectives vs float64 NumPy cross-entropy; BERT masking statistics (Devlin et al. 2019)."""
 
+import math
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +172,44 @@ def test_mask_tokens_other_probabilities(mask_prob):
     _, selected = run_mask(tokens, valid, 3, mask_prob)
     eligible = valid & ~np.isin(tokens, SPECIALS)
     assert within_4_std(int(selected.sum()), int(eligible.sum()), mask_prob)
+
+
+@pytest.mark.parametrize("length,mask_prob", [(16, Fraction(3, 20)), (128, Fraction(3, 20)), (256, Fraction(3, 20)),
+                                              (64, Fraction(1, 2)), (32, Fraction(9, 10))])
+def test_max_selected_is_the_exact_binomial_tail_quantile(length, mask_prob):
+    """Against exact rational arithmetic: P(Binomial(T, p) > K) <= 1e-9 < P(... > K - 1)."""
+    def tail(k):   # P(X > k), exactly
+        return sum(math.comb(length, j) * mask_prob ** j * (1 - mask_prob) ** (length - j)
+                   for j in range(k + 1, length + 1))
+    k = objectives.max_selected(length, float(mask_prob))
+    bound = Fraction(objectives.SELECTION_CAP_TAIL)
+    assert tail(k) <= bound and (k == 0 or tail(k - 1) > bound), (k, float(tail(k)))
+    assert objectives.max_selected(length, 0.0) == 0 and objectives.max_selected(length, 1.0) == length
+
+
+def test_mask_tokens_cap_keeps_each_rows_first_selections_and_nothing_else_changes():
+    tokens, valid = masking_batch(4, b=16, t=64)
+    args = dict(mask_prob=0.3, mask_id=MASK_ID, vocab_size=262, special_ids=SPECIALS, valid=jnp.asarray(valid))
+    free, free_selected = (np.asarray(x) for x in objectives.mask_tokens(jnp.asarray(tokens), jax.random.key(2), **args))
+    capped, capped_selected = (np.asarray(x) for x in objectives.mask_tokens(
+        jnp.asarray(tokens), jax.random.key(2), max_per_row=5, **args))
+    assert (free_selected.sum(1) > 5).sum() >= 8, "the cap should bind in most rows"
+    for row in range(16):
+        keep = np.flatnonzero(free_selected[row])[:5]   # reference: the first five of the uncapped selection
+        np.testing.assert_array_equal(np.flatnonzero(capped_selected[row]), keep)
+        np.testing.assert_array_equal(capped[row, keep], free[row, keep])          # same corruption there
+        dropped = ~capped_selected[row]
+        np.testing.assert_array_equal(capped[row, dropped], tokens[row, dropped])  # the rest is the original
+
+
+def test_selected_positions_lists_each_rows_selection_then_unselected_padding():
+    selected = np.random.default_rng(3).random((6, 40)) < 0.2
+    selected[0], selected[1, :7] = False, True
+    count = int(selected.sum(1).max())
+    positions, real = (np.asarray(x) for x in objectives.selected_positions(jnp.asarray(selected), count))
+    assert positions.shape == real.shape == (6, count)
+    for row in range(6):
+        chosen = np.flatnonzero(selected[row])
+        np.testing.assert_array_equal(positions[row, :len(chosen)], chosen)
+        np.testing.assert_array_equal(real[row], np.arange(count) < len(chosen))
+        assert not selected[row, positions[row, len(chosen):]].any()

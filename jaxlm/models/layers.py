@@ -50,6 +50,14 @@ def split_keys(key: jax.Array | None, num: int) -> list:
     return list(jax.random.split(key, num))
 
 
+def at_positions(x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """x [B, T, ...] -> x [B, K, ...] at positions int [B, K] (None: x unchanged).
+
+    Models take ``positions`` to compute their output layers only where a loss needs logits (masked-LM).
+    """
+    return x if positions is None else jnp.take_along_axis(x, positions[..., None], axis=1)
+
+
 def compute_dtype(cfg):
     """The compute dtype named by `cfg.dtype` ("float32" | "bfloat16" | "float16")."""
     return jnp.dtype(cfg.dtype)

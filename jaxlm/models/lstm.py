@@ -491,39 +491,43 @@ class RNNLM(nnx.Module):
         top = layers.dropout(h, self.dropout_rate, keys[-1])
         return outputs, tuple(new_carry), top
 
-    def _logits(self, top):
-        """Top layer output [B, T, *] -> logits [B, T, V] float32 (tied to the embedding)."""
+    def _logits(self, top, positions=None):
+        """Top layer output [B, T, *] -> logits [B, T, V] float32 (tied to the embedding); [B, K, V] at positions."""
+        top = layers.at_positions(top, positions)
         if self.out_proj is not None:
             top = top @ self.out_proj[...].astype(self.dtype)
         logits = self.embedding.attend(top)
         logits = logits + self.logit_bias[...].astype(self.dtype)
         return logits.astype(jnp.float32)
 
-    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
+    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None, positions=None):
         """x [B, T, d_model] (e.g. from :meth:`embed`) -> (logits [B, T, V] float32, new carry).
 
         `mask` is accepted for the common interface and unused: the model is causal, so outputs at real
         tokens never depend on later padding (the returned carry is the state after the last position).
+        positions: int [B, K] or None: logits at only these positions ([B, K, V]).
         """
         del mask
         _, new_carry, top = self._stack(x, carry, dropout_key)
-        return self._logits(top), new_carry
+        return self._logits(top, positions), new_carry
 
     def projects_by_vocabulary(self, tokens: jax.Array, dropout_key=None) -> bool:
         """Whether :meth:`__call__` computes the first layer's input projection per vocabulary entry
         (module function :func:`projects_by_vocabulary`)."""
         return projects_by_vocabulary(self.embedding.embedding.shape[0], tokens, self.dropout_rate, dropout_key)
 
-    def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
+    def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None, positions=None):
         """tokens int [B, T] -> (logits [B, T, V] float32, new carry); carry None = zeros.
 
         Same function as ``forward_from_embeddings(embed(tokens))``; see :meth:`projects_by_vocabulary`.
+        positions: int [B, K] or None: logits at only these positions ([B, K, V]).
         """
         if not self.projects_by_vocabulary(tokens, dropout_key):
-            return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
+            return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key,
+                                                positions=positions)
         first_projection = vocabulary_projection(self.layers[0], self.embedding, tokens)
         _, new_carry, top = self._stack(None, carry, dropout_key, first_projection=first_projection)
-        return self._logits(top), new_carry
+        return self._logits(top, positions), new_carry
 
     def step(self, token: jax.Array, carry=None):
         """One token per row, O(1) work: token int [B] -> (logits [B, V] float32, new carry)."""

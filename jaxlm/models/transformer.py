@@ -88,8 +88,8 @@ class Transformer(nnx.Module):
             return nnx.remat(Block.__call__)(block, h, mask, key)
         return block(h, mask, key)
 
-    def _output(self, h) -> jax.Array:
-        h = self.ln_f(h)
+    def _output(self, h, positions=None) -> jax.Array:
+        h = self.ln_f(layers.at_positions(h, positions))   # per-position layers from here: only where asked
         if self.mlm_head:
             h = self.head_ln(layers.gelu(self.head_dense(h), self.gelu_approximate))
         logits = self.token_embed.attend(h).astype(jnp.float32)
@@ -97,11 +97,13 @@ class Transformer(nnx.Module):
             logits = logits + self.output_bias[...]
         return logits
 
-    def forward_from_embeddings(self, x: jax.Array, *, mask=None, dropout_key=None) -> jax.Array:
+    def forward_from_embeddings(self, x: jax.Array, *, mask=None, dropout_key=None, positions=None) -> jax.Array:
         """Input embeddings x [B, T, d] (as from :meth:`embed`) -> logits float32 [B, T, V].
 
         Everything after the embedding lookup, so analysis can take gradients w.r.t. x.
         mask: bool [B, T] (True = real token; padding keys are hidden from attention) or None.
+        positions: int [B, K] or None: the logits at only these positions, [B, K, V] (BERT's gather_indexes:
+        the final LN, the MLM head and the output projection then run at K positions, not T).
         Differentiate functionally: ``jax.grad(lambda x: nnx.merge(graphdef, params).forward_from_embeddings(x)...)``.
         A live module cannot be used inside jax.grad/jit directly: its attention layers sow weights, and NNX
         forbids mutating a module from inside a transform's trace (TraceContextError).
@@ -110,12 +112,17 @@ class Transformer(nnx.Module):
         h = layers.dropout(x, self.rate, keys[0])
         for block, key in zip(self.blocks, keys[1:]):
             h = self._block(block, h, mask, key)
-        return self._output(h)
+        return self._output(h, positions)
 
-    def __call__(self, tokens: jax.Array, carry=None, *, mask=None, dropout_key=None):
-        """tokens int32 [B, T] -> (logits float32 [B, T, V], None).  `carry` is ignored (contract)."""
+    def __call__(self, tokens: jax.Array, carry=None, *, mask=None, dropout_key=None, positions=None):
+        """tokens int32 [B, T] -> (logits float32 [B, T, V], None).  `carry` is ignored (contract).
+
+        positions: int [B, K] to get the logits at only those positions ([B, K, V]; see forward_from_embeddings).
+        """
         del carry
-        return self.forward_from_embeddings(self.embed(tokens), mask=mask, dropout_key=dropout_key), None
+        logits = self.forward_from_embeddings(self.embed(tokens), mask=mask, dropout_key=dropout_key,
+                                              positions=positions)
+        return logits, None
 
     def hidden_states(self, tokens: jax.Array, *, mask=None) -> list:
         """Residual stream, no dropout: [embedding output, block 1 output, ..., block L output], each [B, T, d]."""

@@ -412,3 +412,28 @@ def test_overfits_tiny_text(name):
     cfg = _cfg(name, d_model=32, hidden_size=64)
     first, last = _overfit(cls(cfg, len(VOCAB), rngs=nnx.Rngs(params=0)))
     assert first > 0.8 * np.log(len(VOCAB)) and last < 0.2, (first, last)
+
+
+@pytest.mark.parametrize("name,by_vocabulary", [("rnn", True), ("lstm", True), ("lstm", False)])
+def test_logits_at_positions_equal_the_full_logits_gathered(name, by_vocabulary):
+    """positions (masked-LM objective on a recurrent LM): the output layer at K positions only; against all T
+    then indexing, forward and every parameter's gradient."""
+    cls = lstm.RNNLM if name == "rnn" else lstm.LSTMLM
+    graphdef, params = nnx.split(cls(_cfg(name, projection_size=0 if name == "rnn" else 12), 11,
+                                     rngs=nnx.Rngs(params=0)))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 11, (3, 20 if by_vocabulary else 3)), jnp.int32)
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, tokens.shape[1], (3, 5)), jnp.int32)
+    probe = jnp.asarray(np.random.default_rng(2).standard_normal((3, 5, 11)), jnp.float32)
+    assert nnx.merge(graphdef, params).projects_by_vocabulary(tokens) == by_vocabulary
+
+    def loss(p, gathered):
+        model = nnx.merge(graphdef, p)
+        logits = (model(tokens, positions=positions)[0] if gathered
+                  else jnp.take_along_axis(model(tokens)[0], positions[..., None], axis=1))
+        return jnp.sum(probe * logits), logits
+
+    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+    (_, want), want_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+    assert got.shape == (3, 5, 11) and _rel_err(got, want) < 1e-5
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert _rel_err(g, w) < 1e-5

@@ -277,3 +277,28 @@ def test_flops_weight_count_matches_the_model_kernels(cls, name):
                   if path[-1] == "kernel") + 50 * 32  # + tied embedding used as the output layer
     attention = 6 * 2 * 16 * 32
     assert transformer.flops_per_token(tiny_cfg(name=name), 50, 16) == 6 * kernels + attention
+
+
+@pytest.mark.parametrize("cls", [transformer.Decoder, transformer.Encoder])
+def test_logits_at_positions_equal_the_full_logits_gathered(cls):
+    """positions (masked-LM's gather): the output layers at K positions only; against all T then indexing,
+    forward and every parameter's gradient."""
+    graphdef, params = nnx.split(build(cls), nnx.Param)
+    tokens = random_tokens(4, b=3, t=24)
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, 24, (3, 7)), jnp.int32)  # any order, repeats
+    probe = jnp.asarray(np.random.default_rng(2).standard_normal((3, 7, VOCAB)), jnp.float32)
+
+    def loss(p, gathered):
+        model = nnx.merge(graphdef, p)
+        if gathered:
+            logits = model(tokens, positions=positions)[0]
+        else:
+            logits = jnp.take_along_axis(model(tokens)[0], positions[..., None], axis=1)
+        return jnp.sum(probe * logits), logits
+
+    (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+    (_, want), want_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+    assert got.shape == (3, 7, VOCAB)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())

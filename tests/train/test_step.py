@@ -3,11 +3,15 @@
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 from flax import nnx
 
+from jaxlm import bench, objectives
 from jaxlm.config import default_config
-from jaxlm.models import elmo, transformer
+from jaxlm.models import elmo, lstm, transformer
 from jaxlm.train import optim, state as state_lib, step as step_lib
 
 VOCAB = 20
@@ -72,3 +76,45 @@ def test_training_steps_lower_the_loss_and_count_steps():
         state, metrics = step(state, batch)
         losses.append(float(metrics["train/loss"]))
     assert int(state.step) == 40 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["bert", "lstm"])
+def test_masked_lm_runs_the_output_layers_only_at_the_selected_positions(name):
+    """step.masked_lm_sums against the straightforward masked-LM loss (logits at every position, scored at the
+    selected ones, same capped selection): sums and every gradient; and the head's matmuls really shrink from
+    T to K = max_selected(T, p) positions per row."""
+    cls = transformer.Encoder if name == "bert" else lstm.LSTMLM
+    cfg = small_cfg(name)
+    cfg.max_len = 32
+    model = cls(cfg, VOCAB, rngs=nnx.Rngs(params=0))
+    spec, params, _ = spec_for(model, "masked_lm")
+    inputs = jnp.asarray(np.random.default_rng(2).integers(0, 14, (4, 32)), jnp.int32)
+    per_row = objectives.max_selected(32, spec.mask_prob)
+    assert per_row == 20
+    key = jax.random.key(3)
+
+    def gathered(p):
+        sums = step_lib.masked_lm_sums(spec, p, inputs, dropout_key=None, mask_key=key)
+        return sums[0], sums
+
+    def everywhere(p):
+        masked, selected = objectives.mask_tokens(inputs, key, mask_prob=spec.mask_prob, mask_id=spec.mask_id,
+                                                  vocab_size=VOCAB, special_ids=spec.special_ids,
+                                                  max_per_row=per_row)
+        logits = nnx.merge(spec.graphdef, p)(masked)[0]
+        return jnp.sum(jnp.where(selected, optax.softmax_cross_entropy_with_integer_labels(logits, inputs), 0)), (
+            logits, selected)
+
+    (_, sums), grads = jax.jit(jax.value_and_grad(gathered, has_aux=True))(params)
+    (want_loss, (logits, selected)), want_grads = jax.jit(jax.value_and_grad(everywhere, has_aux=True))(params)
+    ce = np_cross_entropy(logits, np.asarray(inputs))
+    selected = np.asarray(selected)
+    assert 0 < selected.sum() and float(sums[1]) == selected.sum()
+    np.testing.assert_allclose(float(sums[0]), ce[selected].sum(), rtol=1e-5)
+    assert float(sums[2]) == (np.asarray(logits).argmax(-1) == np.asarray(inputs))[selected].sum()
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())
+    flops = [bench.matmul_flops(jax.make_jaxpr(jax.grad(lambda p: f(p)[0]))(params)) for f in (gathered, everywhere)]
+    d, rows_saved = 16, 4 * (32 - per_row)
+    head = d * d + d * VOCAB if name == "bert" else d * VOCAB   # (bert: the MLM head's dense d -> d) + logits
+    assert flops[1] - flops[0] == 3 * 2 * rows_saved * head
