@@ -183,6 +183,10 @@ def validate(config) -> None:
         _fail("model.lstm_init", m.lstm_init, f"choose from {', '.join(LSTM_INITS)}")
     if config.objective.name and config.objective.name not in OBJECTIVES:
         _fail("objective.name", config.objective.name, f"choose from {', '.join(OBJECTIVES)} or '' for the model's own")
+    if (objective_name(config) == "bidirectional_lm") != (m.name == "elmo"):   # only ELMo has two directions
+        _fail("objective.name", config.objective.name, f"model.name={m.name} trains with "
+              + ("bidirectional_lm only (or '')" if m.name == "elmo" else "causal_lm or masked_lm (or ''); "
+                 "bidirectional_lm needs model.name=elmo"))
     kind = d.source.split(":", 1)[0]
     if kind not in SOURCE_KINDS or (kind != "builtin" and ":" not in d.source) or (kind == "builtin" and d.source != "builtin"):
         _fail("data.source", d.source, "use builtin, text:PATH_OR_GLOB, jsonl:PATH:FIELD or synthetic:TASK")

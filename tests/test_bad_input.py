@@ -109,6 +109,8 @@ CASES = [
     ("unknown_dtype", ["--config.model.dtype=float8"], "float8"),
     ("unknown_model", ["--config.model.name=transformerxl"], "transformerxl"),
     ("unknown_objective", ["--config.objective.name=contrastive"], "contrastive"),
+    ("bidirectional_objective_without_elmo", ["--config.objective.name=bidirectional_lm"], "bidirectional_lm"),
+    ("elmo_with_masked_lm", ["--config.model.name=elmo", "--config.objective.name=masked_lm"], "masked_lm"),
     ("unknown_strategy", ["--config.parallel.strategy=ddp"], "ddp"),
     ("negative_cpu_devices", ["--config.parallel.cpu_devices=-1"], "cpu_devices=-1"),
     ("cpu_devices_not_splitting_batch", ["--config.parallel.cpu_devices=3", "--config.train.batch_size=8"],
