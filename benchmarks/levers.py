@@ -222,13 +222,13 @@ def patched(name):
         step.masked_lm_sums = mlm_sums
 
 
-def mlm_head_everywhere(spec, params, inputs, *, dropout_key, mask_key):
+def mlm_head_everywhere(spec, params, inputs, carry=None, *, dropout_key, mask_key):
     """step.masked_lm_sums with the model's output layers at all T positions (the same selection and loss)."""
     masked, selected = objectives.mask_tokens(
         inputs, mask_key, mask_prob=spec.mask_prob, mask_id=spec.mask_id, vocab_size=spec.vocab_size,
         special_ids=spec.special_ids, max_per_row=objectives.max_selected(inputs.shape[1], spec.mask_prob))
-    logits, _ = nnx.merge(spec.graphdef, params)(masked, dropout_key=dropout_key)
-    return objectives.masked_lm_loss(logits, inputs, selected)
+    logits, carry = nnx.merge(spec.graphdef, params)(masked, carry, dropout_key=dropout_key)
+    return objectives.masked_lm_loss(logits, inputs, selected), carry
 
 
 def shape_config(shape: str):

@@ -50,9 +50,9 @@ def apply_model(graphdef, params, tokens, carry=None, *, mask=None, dropout_key=
     return nnx.merge(graphdef, params)(tokens, carry, mask=mask, dropout_key=dropout_key)
 
 
-def masked_lm_sums(spec: StepSpec, params, inputs, *, dropout_key, mask_key):
-    """BERT masking of `inputs` [B, T], then the masked-LM sums with the model's output layers run only at the
-    selected positions (BERT's gather_indexes).
+def masked_lm_sums(spec: StepSpec, params, inputs, carry=None, *, dropout_key, mask_key):
+    """BERT masking of `inputs` [B, T], then ((loss_sum, count, correct_sum), new carry) with the model's output
+    layers run only at the selected positions (BERT's gather_indexes).
 
     Selections are capped per row at K = objectives.max_selected(T, mask_prob) (a row would exceed it with
     probability below 1e-9), which gives them a static count: the MLM head and the [d, V] output projection run
@@ -63,8 +63,8 @@ def masked_lm_sums(spec: StepSpec, params, inputs, *, dropout_key, mask_key):
                                               vocab_size=spec.vocab_size, special_ids=spec.special_ids,
                                               max_per_row=per_row)
     positions, real = objectives.selected_positions(selected, per_row)
-    logits, _ = nnx.merge(spec.graphdef, params)(masked, dropout_key=dropout_key, positions=positions)
-    return objectives.masked_lm_loss(logits, jnp.take_along_axis(inputs, positions, axis=1), real)
+    logits, carry = nnx.merge(spec.graphdef, params)(masked, carry, dropout_key=dropout_key, positions=positions)
+    return objectives.masked_lm_loss(logits, jnp.take_along_axis(inputs, positions, axis=1), real), carry
 
 
 def objective_sums(spec: StepSpec, params, batch, carry, *, dropout_key=None, mask_key=None) -> tuple[dict, Any]:
@@ -83,10 +83,11 @@ def objective_sums(spec: StepSpec, params, batch, carry, *, dropout_key=None, ma
     if spec.objective == "masked_lm":
         if "weights" in batch:   # synthetic tasks: mask exactly the answers, which must come from the context
             masked, selected = synthetic.mask_answers(tokens, batch["weights"], spec.mask_id)
-            logits, _ = apply_model(spec.graphdef, params, masked, dropout_key=dropout_key)
+            logits, carry = apply_model(spec.graphdef, params, masked, carry, dropout_key=dropout_key)
             loss, count, correct = objectives.masked_lm_loss(logits, inputs, selected)
         else:
-            loss, count, correct = masked_lm_sums(spec, params, inputs, dropout_key=dropout_key, mask_key=mask_key)
+            (loss, count, correct), carry = masked_lm_sums(spec, params, inputs, carry, dropout_key=dropout_key,
+                                                           mask_key=mask_key)
         return {"loss": loss, "tokens": count, "correct": correct}, carry
     # bidirectional_lm (ELMo): forward predicts t+1, backward predicts t-1, over the same T inputs
     mask = batch.get("mask", jnp.ones(inputs.shape, bool))

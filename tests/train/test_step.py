@@ -81,8 +81,8 @@ def test_training_steps_lower_the_loss_and_count_steps():
 @pytest.mark.parametrize("name", ["bert", "lstm"])
 def test_masked_lm_runs_the_output_layers_only_at_the_selected_positions(name):
     """step.masked_lm_sums against the straightforward masked-LM loss (logits at every position, scored at the
-    selected ones, same capped selection): sums and every gradient; and the head's matmuls really shrink from
-    T to K = max_selected(T, p) positions per row."""
+    selected ones, same capped selection): sums, carried state and every gradient; and the head's matmuls
+    really shrink from T to K = max_selected(T, p) positions per row."""
     cls = transformer.Encoder if name == "bert" else lstm.LSTMLM
     cfg = small_cfg(name)
     cfg.max_len = 32
@@ -92,21 +92,25 @@ def test_masked_lm_runs_the_output_layers_only_at_the_selected_positions(name):
     per_row = objectives.max_selected(32, spec.mask_prob)
     assert per_row == 20
     key = jax.random.key(3)
+    carry = jax.tree.map(lambda c: jnp.full(c.shape, 0.3, c.dtype), model.initial_carry(4))   # None for bert
 
     def gathered(p):
-        sums = step_lib.masked_lm_sums(spec, p, inputs, dropout_key=None, mask_key=key)
-        return sums[0], sums
+        sums, new_carry = step_lib.masked_lm_sums(spec, p, inputs, carry, dropout_key=None, mask_key=key)
+        return sums[0], (sums, new_carry)
 
     def everywhere(p):
         masked, selected = objectives.mask_tokens(inputs, key, mask_prob=spec.mask_prob, mask_id=spec.mask_id,
                                                   vocab_size=VOCAB, special_ids=spec.special_ids,
                                                   max_per_row=per_row)
-        logits = nnx.merge(spec.graphdef, p)(masked)[0]
+        logits, new_carry = nnx.merge(spec.graphdef, p)(masked, carry)
         return jnp.sum(jnp.where(selected, optax.softmax_cross_entropy_with_integer_labels(logits, inputs), 0)), (
-            logits, selected)
+            logits, selected, new_carry)
 
-    (_, sums), grads = jax.jit(jax.value_and_grad(gathered, has_aux=True))(params)
-    (want_loss, (logits, selected)), want_grads = jax.jit(jax.value_and_grad(everywhere, has_aux=True))(params)
+    (_, (sums, new_carry)), grads = jax.jit(jax.value_and_grad(gathered, has_aux=True))(params)
+    (_, (logits, selected, want_carry)), want_grads = jax.jit(jax.value_and_grad(everywhere, has_aux=True))(params)
+    assert jax.tree.structure(new_carry) == jax.tree.structure(want_carry)
+    for c, w in zip(jax.tree.leaves(new_carry), jax.tree.leaves(want_carry)):
+        np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-6)
     ce = np_cross_entropy(logits, np.asarray(inputs))
     selected = np.asarray(selected)
     assert 0 < selected.sum() and float(sums[1]) == selected.sum()
