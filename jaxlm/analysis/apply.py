@@ -56,14 +56,21 @@ def split_output(out):
     return first                                    # recurrent: (logits, carry)
 
 
-def logits_from_embeddings(model, x):
-    """``model.forward_from_embeddings(x)`` (no dropout, zero initial state) -> logits or (fwd, bwd)."""
-    return split_output(model.forward_from_embeddings(x))
+def _at(positions) -> dict:
+    """jaxlm's models take positions=[B, K] (logits at those positions only); a model of one's own need not."""
+    return {} if positions is None else {"positions": positions}
 
 
-def logits(model, tokens):
-    """``model(tokens)`` (no dropout, zero initial state) -> logits [B, T, V] or (fwd, bwd)."""
-    return split_output(model(tokens))
+def logits_from_embeddings(model, x, positions=None):
+    """``model.forward_from_embeddings(x)`` (no dropout, zero initial state) -> logits or (fwd, bwd);
+    with positions int [B, K], only there ([B, K, V])."""
+    return split_output(model.forward_from_embeddings(x, **_at(positions)))
+
+
+def logits(model, tokens, positions=None):
+    """``model(tokens)`` (no dropout, zero initial state) -> logits [B, T, V] or (fwd, bwd); with positions
+    int [B, K], only there ([B, K, V])."""
+    return split_output(model(tokens, **_at(positions)))
 
 
 def predicting_logits(out, kind: str):

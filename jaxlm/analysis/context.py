@@ -50,8 +50,9 @@ def _losses(graphdef, params, contexts, targets, *, kind, mask_id):
     model = nnx.merge(graphdef, params)
     if kind == "masked":
         contexts = jnp.concatenate([contexts, jnp.full((contexts.shape[0], 1), mask_id, contexts.dtype)], axis=1)
-    out = apply.predicting_logits(apply.logits(model, contexts), kind)
-    logp = jax.nn.log_softmax(out[:, -1].astype(jnp.float32), axis=-1)
+    last = jnp.full((contexts.shape[0], 1), contexts.shape[1] - 1, jnp.int32)   # the output layer only there
+    out = apply.predicting_logits(apply.logits(model, contexts, last), kind)
+    logp = jax.nn.log_softmax(out[:, 0].astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 

@@ -109,9 +109,10 @@ def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, ch
         target = jnp.take(tokens, p, axis=1)
         x = nnx.merge(graphdef, params).embed(tokens.at[:, p].set(mask_id))
 
-        def score(x):
-            logits = apply.logits_from_embeddings(nnx.merge(graphdef, params), x)
-            return jnp.sum(_gather_logp(logits, p[None], target[:, None])[:, 0])
+        def score(x):   # the output layer only at p
+            at_p = jnp.full((x.shape[0], 1), p, jnp.int32)
+            logits = apply.logits_from_embeddings(nnx.merge(graphdef, params), x, at_p)
+            return jnp.sum(_gather_logp(logits, jnp.zeros((1,), jnp.int32), target[:, None])[:, 0])
 
         return _norms(jax.grad(score)(x), row_weight)
 

@@ -121,23 +121,25 @@ class ELMo(nnx.Module):
         fwd, bwd = directions
         return fwd, [flip_sequences(h, lengths) for h in bwd]
 
-    def _logits(self, h, key):
-        """Top-layer output [B, T, d] -> logits [B, T, V] float32 through the shared, tied softmax."""
-        logits = self.embedding.attend(layers.dropout(h, self.dropout_rate, key))
+    def _logits(self, h, key, positions=None):
+        """Top-layer output [B, T, d] -> logits [B, T, V] float32 through the shared, tied softmax ([B, K, V] at
+        positions)."""
+        logits = self.embedding.attend(layers.at_positions(layers.dropout(h, self.dropout_rate, key), positions))
         return (logits + self.logit_bias[...].astype(self.dtype)).astype(jnp.float32)
 
-    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None):
+    def forward_from_embeddings(self, x, carry=None, *, mask=None, dropout_key=None, positions=None):
         """x [B, T, d] -> ((forward_logits, backward_logits) each [B, T, V] float32, None).
 
         forward_logits[:, t] predicts token t+1; backward_logits[:, t] predicts token t-1.
+        positions: int [B, K] or None: both directions' logits at only these positions ([B, K, V]).
         """
         del carry
-        return self._forward(x, None, mask, dropout_key)
+        return self._forward(x, None, mask, dropout_key, positions)
 
-    def _forward(self, x, tokens, mask, dropout_key):
+    def _forward(self, x, tokens, mask, dropout_key, positions=None):
         keys = layers.split_keys(dropout_key, 3)
         fwd, bwd = self._directions(x, mask, keys[0], tokens)
-        return (self._logits(fwd[-1], keys[1]), self._logits(bwd[-1], keys[2])), None
+        return (self._logits(fwd[-1], keys[1], positions), self._logits(bwd[-1], keys[2], positions)), None
 
     def projects_by_vocabulary(self, tokens: jax.Array, dropout_key=None) -> bool:
         """Whether :meth:`__call__` computes the first layers' input projections per vocabulary entry
@@ -145,14 +147,16 @@ class ELMo(nnx.Module):
         return lstm.projects_by_vocabulary(self.embedding.embedding.shape[0], tokens, self.dropout_rate,
                                            dropout_key)
 
-    def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None):
+    def __call__(self, tokens, carry=None, *, mask=None, dropout_key=None, positions=None):
         """tokens int [B, T], mask bool [B, T] (right padding) -> ((fwd_logits, bwd_logits), None).
 
         Same function as ``forward_from_embeddings(embed(tokens))``; see :meth:`projects_by_vocabulary`.
+        positions: int [B, K] or None: both directions' logits at only these positions ([B, K, V]).
         """
         if self.projects_by_vocabulary(tokens, dropout_key):
-            return self._forward(None, tokens, mask, dropout_key)
-        return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key)
+            return self._forward(None, tokens, mask, dropout_key, positions)
+        return self.forward_from_embeddings(self.embed(tokens), carry, mask=mask, dropout_key=dropout_key,
+                                            positions=positions)
 
     def embeddings(self, tokens, mask=None) -> jax.Array:
         """Per-layer contextual representations [num_layers + 1, B, T, 2d] (no dropout).

@@ -113,3 +113,24 @@ def test_elmo_directions():
         np.testing.assert_allclose(both[p, :p], row[:p], rtol=1e-5)
         assert (both[p, p + 1:] > 0).all()
     assert (both[0, 1:] > 0).all() and (both[0, :1] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["bert", "lstm"])
+def test_masked_sensitivity_equals_a_per_position_gradient_of_the_full_logits(name):
+    """Independent reference: mask T, run the whole model (logits at every position), differentiate
+    log p(token T) at T w.r.t. the embeddings, average ||.|| over rows (the analysis runs the output layer at T only)."""
+    model = models.build_model(model_cfg(name), VOCAB, 0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    x, mask_id = tokens(), VOCAB - 1
+    s = sensitivity.gradient_sensitivity(graphdef, params, x, objective="masked_lm", mask_id=mask_id,
+                                         target_positions=[0, 4, LENGTH - 1])
+    for row, p in enumerate([0, 4, LENGTH - 1]):
+        masked = jnp.asarray(x).at[:, p].set(mask_id)
+
+        def score(e):
+            logits = nnx.merge(graphdef, params).forward_from_embeddings(e)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            return jnp.sum(jax.nn.log_softmax(logits[:, p], axis=-1)[jnp.arange(len(x)), x[:, p]])
+
+        grad = np.asarray(jax.grad(score)(model.embed(masked)), np.float64)
+        np.testing.assert_allclose(s[row], np.linalg.norm(grad, axis=-1).mean(0), rtol=1e-5, atol=1e-9)
