@@ -91,6 +91,11 @@ def selected_positions(selected, count: int):
     return positions, jnp.take_along_axis(selected, positions, axis=1)
 
 
+def _unit_interval(bits):
+    """uint32 random bits -> float32 uniform on [0, 1) in steps of 2^-23 (as jax.random.uniform makes them)."""
+    return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+
+
 def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int, special_ids, valid=None,
                 max_per_row: int | None = None):
     """BERT corruption (Devlin et al. 2019, section 3.1 / appendix A.1).
@@ -121,14 +126,16 @@ def mask_tokens(tokens, rng, *, mask_prob: float, mask_id: int, vocab_size: int,
     eligible = ~jnp.isin(tokens, jnp.asarray(special)) if special.size else jnp.ones(tokens.shape, bool)
     if valid is not None:
         eligible = eligible & jnp.asarray(valid, bool)
-    k_select, k_action, k_random = jax.random.split(rng, 3)
-    selected = jax.random.bernoulli(k_select, mask_prob, tokens.shape) & eligible
+    # one draw of random bits for all three decisions: each draw is a threefry kernel, and three draws (randint
+    # takes two) cost ~0.5 s more compile than one on a 2-core CPU
+    bits = jax.random.bits(rng, (3, *tokens.shape), jnp.uint32)
+    selected = (_unit_interval(bits[0]) < mask_prob) & eligible
     if max_per_row is not None:
         selected = selected & (jnp.cumsum(selected, axis=1) <= max_per_row)
-    u = jax.random.uniform(k_action, tokens.shape)
+    u = _unit_interval(bits[1])
     to_mask = selected & (u < 0.8)
     to_random = selected & (u >= 0.8) & (u < 0.9)
-    random_tokens = jnp.asarray(ordinary)[jax.random.randint(k_random, tokens.shape, 0, ordinary.size)]
+    random_tokens = jnp.asarray(ordinary)[(bits[2] % ordinary.size).astype(jnp.int32)]   # modulo bias < V / 2^32
     inputs = jnp.where(to_mask, jnp.int32(mask_id), jnp.where(to_random, random_tokens, tokens))
     return inputs, selected
 
