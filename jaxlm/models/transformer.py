@@ -85,7 +85,9 @@ class Transformer(nnx.Module):
 
     def _block(self, block: Block, h, mask, key):
         if self.remat:  # recompute the block's activations in the backward pass instead of storing them
-            return nnx.remat(Block.__call__)(block, h, mask, key)
+            # graph_updates=False: the block changes no state, and writing its Params back fails where they are
+            # closed over from an outer trace (sampling's scan, sensitivity's vjp: TraceContextError)
+            return nnx.remat(Block.__call__, graph_updates=False)(block, h, mask, key)
         return block(h, mask, key)
 
     def _output(self, h, positions=None) -> jax.Array:

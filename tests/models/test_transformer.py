@@ -302,3 +302,24 @@ def test_logits_at_positions_equal_the_full_logits_gathered(cls):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())
+
+
+@pytest.mark.parametrize("cls", [transformer.Decoder, transformer.Encoder])
+def test_remat_model_samples_and_analyses_like_the_plain_one(cls):
+    """model.remat only changes what the backward pass stores: sampling (a scan), gradient sensitivity (a vjp
+    over closed-over params) and the sown attention maps equal the plain model's (they used to raise
+    TraceContextError under remat)."""
+    from jaxlm import generate
+    from jaxlm.analysis import attention_maps, sensitivity
+    plain = nnx.split(build(cls), nnx.Param)
+    remat = nnx.split(build(cls, remat=True), nnx.Param)
+    tokens = np.asarray(random_tokens(6, b=3, t=12))
+    results = []
+    for graphdef, params in (plain, remat):
+        got = {"sensitivity": sensitivity.gradient_sensitivity(graphdef, params, tokens, mask_id=MASK_ID),
+               "attention": attention_maps.attention_weights(graphdef, params, tokens[0])}
+        if cls is transformer.Decoder:
+            got["sample"] = generate.sample(graphdef, params, tokens[0, :4], max_len=64, num_tokens=6, seed=3)
+        results.append(got)
+    for name, want in results[0].items():
+        np.testing.assert_allclose(results[1][name], want, rtol=1e-5, atol=1e-7, err_msg=name)
