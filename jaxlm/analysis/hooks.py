@@ -79,12 +79,15 @@ def sensitivity_positions(kind: str, length: int, rows: int = SENSITIVITY_ROWS, 
     return np.arange(start, min(length - 1, start + rows))
 
 
-def run_sensitivity(graphdef, params, windows, *, kind: str, mask_id, out_dir: str | None,
+def run_sensitivity(graphdef, params, windows, *, objective: str, mask_id, out_dir: str | None,
                     answer_last: bool = False) -> tuple[dict, np.ndarray]:
-    """Sensitivity by distance over ``windows`` [N, L] (tokens) and the heat map of the first ones."""
+    """Sensitivity by distance over ``windows`` [N, L] (tokens) and the heat map of the first ones, for a model
+    trained with `objective`."""
+    kind = apply.kind_of(graphdef, params, objective)
     length = windows.shape[1]
     positions = sensitivity_positions(kind, length, answer_last=answer_last)
-    s = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions, mask_id=mask_id)
+    s = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions, objective=objective,
+                                         mask_id=mask_id)
     two_sided = kind != "causal"
     dist, mean, std = sensitivity.sensitivity_by_distance(s, target_positions=positions, bidirectional=two_sided)
     result = {"distances": dist.tolist(), "mean": mean.tolist(), "std": std.tolist(),
@@ -109,13 +112,15 @@ def relative_at(distances, mean, *, side: int = 1) -> dict:
             for d in REPORT_DISTANCES if np.any(distances == side * d)}
 
 
-def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: float, seed: int) -> dict:
-    """{"grid", "losses": {mode: {d: [mean, stderr]}}, "effective_context": {mode: d}} over windows [N, L+1]."""
+def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: float, seed: int,
+                 objective: str | None = None) -> dict:
+    """{"grid", "losses": {mode: {d: [mean, stderr]}}, "effective_context": {mode: d}} over windows [N, L+1];
+    objective: the one the model was trained with (None: the model class's own)."""
     grid = context.distance_grid(windows.shape[1] - 1)
     losses, effective = {}, {}
     for mode in modes:
-        res = context.context_ablation(graphdef, params, windows, distances=grid, mode=mode, tokenizer=tokenizer,
-                                       seed=seed)
+        res = context.context_ablation(graphdef, params, windows, distances=grid, mode=mode, objective=objective,
+                                       tokenizer=tokenizer, seed=seed)
         losses[mode] = {str(d): [m, e] for d, (m, e) in res.items()}
         effective[mode] = context.effective_context(res, tolerance)
     return {"grid": grid, "losses": losses, "effective_context": effective, "tolerance": tolerance,
@@ -149,7 +154,8 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     _apply_overrides(config, config_overrides)
     dataset = data.build_dataset(config, workdir)
     tokenizer = trained.tokenizer
-    kind = apply.kind_of(trained.graphdef, trained.params, config_lib.objective_name(config))
+    objective = config_lib.objective_name(config)
+    kind = apply.kind_of(trained.graphdef, trained.params, objective)
     out_dir = os.path.join(workdir, "analysis")
     os.makedirs(out_dir, exist_ok=True)
     a = config.analysis
@@ -162,12 +168,13 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
 
     task = config.data.source.startswith("synthetic:")   # score the answer, not the closing [EOS]
     windows = validation_windows(dataset, a.num_sequences, seq_len, synthetic=task)
-    results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, kind=kind,
+    results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, objective=objective,
                                                    mask_id=tokenizer.mask_id, out_dir=out_dir, answer_last=task)
     ablation_windows = validation_windows(dataset, a.num_windows, min(context_len + 1, seq_len) if task
                                           else context_len + 1, synthetic=task)
     results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,
-                                       modes=tuple(modes), tolerance=a.tolerance, seed=config.seed)
+                                       modes=tuple(modes), tolerance=a.tolerance, seed=config.seed,
+                                       objective=objective)
     images = _figures(results, heat, out_dir)
     if attention and config.model.name in ("gpt", "bert"):
         ids = attention_text_tokens(config, tokenizer, dataset, config.model.max_len)

@@ -111,3 +111,21 @@ def test_bad_arguments():
         context.context_ablation(graphdef, params, windows(4), distances=[0])
     with pytest.raises(ValueError, match="vocab_size"):
         context.context_ablation(graphdef, params, windows(4), distances=[1], mode="random")
+
+
+@pytest.mark.parametrize("name,objective,kind", [("bert", "causal_lm", "causal"), ("gpt", "masked_lm", "masked")])
+def test_analyze_run_hooks_score_the_objective_the_model_was_trained_with(name, objective, kind):
+    """A bert trained with causal_lm (or a gpt with masked_lm) is analysed as such: the ablation's full-context
+    loss against a plain forward pass of that kind, and sensitivity at that kind's positions (the class's own
+    kind was used before: a bert with causal_lm failed on a [MASK] appended past max_len)."""
+    import types
+    from jaxlm.analysis import hooks
+    graphdef, params = build(name)
+    w = windows()
+    tok = types.SimpleNamespace(vocab_size=VOCAB, special_ids=SPECIALS, mask_id=12)
+    ablation = hooks.run_ablation(graphdef, params, w, tokenizer=tok, modes=("drop",), tolerance=0.01, seed=0,
+                                  objective=objective)
+    ref = direct_losses(graphdef, params, w[:, :-1], w[:, -1], kind)
+    np.testing.assert_allclose(ablation["full_context_loss"], ref.mean(), rtol=1e-6)
+    sens, _ = hooks.run_sensitivity(graphdef, params, w[:8, :L], objective=objective, mask_id=12, out_dir=None)
+    assert sens["target_positions"] == hooks.sensitivity_positions(kind, L).tolist()
