@@ -39,8 +39,9 @@ def _sample_window(graphdef, params, prompt, key, *, max_len, num_tokens, temper
 
     def body(carry, k):
         window, n = carry
-        logits, _ = nnx.merge(graphdef, params)(window[None])   # merged inside the scan: sow stays in-trace
-        last = logits[0, jnp.minimum(n, max_len) - 1]
+        at = jnp.reshape(jnp.minimum(n, max_len) - 1, (1, 1))   # the output layer only at the last token
+        logits, _ = nnx.merge(graphdef, params)(window[None], positions=at)   # merged in the scan: sow stays in-trace
+        last = logits[0, 0]
         token = jax.random.categorical(k, filter_logits(last, temperature=temperature, top_k=top_k, top_p=top_p))
         full = n >= max_len
         window = jnp.where(full, jnp.roll(window, -1).at[-1].set(token), window.at[jnp.minimum(n, max_len - 1)].set(token))
@@ -53,7 +54,7 @@ def _sample_window(graphdef, params, prompt, key, *, max_len, num_tokens, temper
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "temperature", "top_k", "top_p"))
 def _sample_recurrent(graphdef, params, prompt, key, *, num_tokens, temperature, top_k, top_p):
     """Recurrent sampling: read the prompt once, then carry the state token by token."""
-    logits, carry = nnx.merge(graphdef, params)(prompt[None])
+    logits, carry = nnx.merge(graphdef, params)(prompt[None], positions=jnp.full((1, 1), prompt.shape[0] - 1))
 
     def body(c, k):
         last, carry = c
@@ -61,7 +62,7 @@ def _sample_recurrent(graphdef, params, prompt, key, *, num_tokens, temperature,
         logits, carry = nnx.merge(graphdef, params).step(token[None], carry)
         return (logits[0], carry), token
 
-    _, tokens = jax.lax.scan(body, (logits[0, -1], carry), jax.random.split(key, num_tokens))
+    _, tokens = jax.lax.scan(body, (logits[0, 0], carry), jax.random.split(key, num_tokens))
     return tokens
 
 

@@ -323,3 +323,21 @@ def test_remat_model_samples_and_analyses_like_the_plain_one(cls):
         results.append(got)
     for name, want in results[0].items():
         np.testing.assert_allclose(results[1][name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_greedy_sampling_equals_a_plain_argmax_loop(name):
+    """generate.sample with top_k=1 against the straightforward loop: run the model on the last max_len tokens,
+    take the argmax of the last position's logits, append (the window rolls once the prompt + output is longer
+    than max_len; the LSTM carries its state instead)."""
+    from jaxlm import generate, models
+    cfg = tiny_cfg(name=name, max_len=8, hidden_size=32)
+    graphdef, params = nnx.split(models.build_model(cfg, VOCAB, 0), nnx.Param)
+    prompt = [int(t) for t in np.asarray(random_tokens(7, b=1, t=3))[0]]
+    got = generate.sample(graphdef, params, prompt, max_len=8, num_tokens=10, top_k=1, seed=5)
+    tokens = list(prompt)
+    for _ in range(10):
+        context = tokens[-8:] if name == "gpt" else tokens
+        logits = nnx.merge(graphdef, params)(jnp.asarray([context], jnp.int32))[0]
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+    assert list(got) == tokens[3:]
