@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import runs
+from jaxlm import config as config_lib, runs
 from jaxlm.errors import UserError
 
 
@@ -68,10 +68,13 @@ def elmo_embeddings(run_or_workdir, texts: list[str]) -> list[np.ndarray]:
 
 
 def fill_mask(run_or_workdir, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """For each "[MASK]" in `text`, the top_k fillers with probabilities, from a masked-LM (bert) run."""
+    """For each "[MASK]" in `text`, the top_k fillers with probabilities, from a masked-LM run (bert, or any
+    model trained with objective.name=masked_lm)."""
     run = _load(run_or_workdir)
-    if run.config.model.name != "bert":
-        raise UserError(f"fill-in-the-blank needs a bert run; this one is {run.config.model.name!r}")
+    objective = config_lib.objective_name(run.config)
+    if objective != "masked_lm":
+        raise UserError(f"fill-in-the-blank needs a masked_lm run (bert); this one is {run.config.model.name!r} "
+                        f"trained with {objective}")
     tok = run.tokenizer
     pieces = text.split("[MASK]")
     if len(pieces) == 1:

@@ -52,12 +52,13 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
            top_k: int = 0, top_p: float = 1.0, top_next: int = 0, num_samples: int = 1, seed: int = 0, **_) -> list:
     """Continue `prompt` with the trained causal model; with top_next=K print the K likeliest next tokens."""
     trained = runs.load(workdir)
-    name = trained.config.model.name
-    if name == "bert":
+    objective = config_lib.objective_name(trained.config)
+    if objective == "masked_lm":
         return _fill_mask(trained, prompt, top_next or 5)
-    if config_lib.objective_name(trained.config) != "causal_lm":
-        raise UserError(f"--mode=sample needs a causal model (gpt, lstm, rnn) or bert (fill-in-the-blank); "
-                        f"the run in {workdir!r} is {name!r}")
+    if objective != "causal_lm":
+        raise UserError(f"--mode=sample continues a prompt with a causal_lm run (gpt, lstm, rnn) or fills [MASK]s "
+                        f"with a masked_lm run (bert); the run in {workdir!r} is {trained.config.model.name!r} "
+                        f"trained with {objective}")
     tok = trained.tokenizer
     ids = tok.encode(prompt) if prompt else [tok.eos_id]
     if len(ids) == 0:
@@ -78,7 +79,7 @@ def sample(config, workdir: str, *, prompt: str = "", num_tokens: int = 200, tem
 
 
 def _fill_mask(trained, prompt: str, top_k: int) -> list:
-    """BERT: for each [MASK] in the prompt, the top_k fillers with probabilities."""
+    """A masked-LM run: for each [MASK] in the prompt, the top_k fillers with probabilities."""
     from jaxlm import features
     tables = features.fill_mask(trained, prompt, top_k)
     for i, rows in enumerate(tables, 1):

@@ -66,3 +66,22 @@ def test_bert_fills_in_the_blank_of_the_text_it_learned(tmp_path_factory):
     probs = [p for _, p in tables[0]]
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
     assert tables[0][0][0] == "o", tables
+
+
+def test_fill_mask_serves_any_masked_lm_run_and_refuses_a_causal_one(tmp_path_factory, gpt_run):
+    """An lstm trained with objective.name=masked_lm fills blanks like bert: the table is the softmax of its logits
+    at the [MASK] (specials excluded), recomputed here from a plain forward pass; a causal_lm run is refused."""
+    import jax
+    import jax.numpy as jnp
+    from jaxlm import runs
+    workdir = tiny_run(tmp_path_factory, "lstm", 2, objective__name="masked_lm")
+    table = features.fill_mask(workdir, "to b[MASK] or", top_k=4)[0]
+    run = runs.load(workdir)
+    ids = [*run.tokenizer.encode("to b"), run.tokenizer.mask_id, *run.tokenizer.encode(" or")]
+    probs = np.asarray(jax.nn.softmax(run.model(jnp.asarray([ids], jnp.int32))[0][0, 4]), np.float64)
+    probs[list(run.tokenizer.special_ids)] = 0.0
+    want = np.argsort(-probs)[:4]
+    assert [t for t, _ in table] == [run.tokenizer.token_str(int(i)) for i in want]
+    np.testing.assert_allclose([p for _, p in table], probs[want], rtol=1e-5)
+    with pytest.raises(UserError, match="causal_lm"):
+        features.fill_mask(gpt_run, "to b[MASK]", top_k=2)
