@@ -68,6 +68,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlm import bench, config as config_lib, objectives, parallel  # noqa: E402
 from jaxlm.models import attention, layers, lstm, transformer  # noqa: E402
+from jaxlm.errors import UserError  # noqa: E402
 from jaxlm.train import optim, step  # noqa: E402
 
 
@@ -235,7 +236,10 @@ def shape_config(shape: str):
     """A reference shape's config, or an experiment file's (--shape=experiments/bert_bpe.py)."""
     if not shape.endswith(".py"):
         return bench.shape_config(shape)
-    config = runpy.run_path(shape)["get_config"]()
+    get_config = runpy.run_path(shape).get("get_config")
+    if get_config is None:
+        raise UserError(f"--shape={shape!r} defines no get_config()")
+    config = get_config()
     config_lib.validate(config)
     return config
 
@@ -281,10 +285,15 @@ def main():
                if a.shape not in bench.SHAPES and not os.path.isfile(a.shape) else
                f"invalid --rounds={a.rounds} / --block={a.block}: both must be at least 1"
                if min(a.rounds, a.block) < 1 else None)
+    if not problem:
+        try:
+            config = shape_config(a.shape)
+        except UserError as e:
+            problem = str(e)
     if problem:   # an unknown name would otherwise be timed as the base code under its own name
         print(f"levers.py: error: {problem}", file=sys.stderr)
         return 2
-    devices = parallel.configure_cpu_devices(shape_config(a.shape))   # as launched: one device per core
+    devices = parallel.configure_cpu_devices(config)   # as launched: one device per core
     print(f"{jax.device_count()} device(s) ({'parallel.cpu_devices' if devices else 'XLA_FLAGS'})", file=sys.stderr)
     built = {n: build(a.shape, n) for n in names}
     print("first-step losses (same init and batch => equal up to the variant's function change): "

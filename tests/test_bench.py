@@ -210,7 +210,11 @@ def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
     ("ab.py", ["--shape=gpt_huge", "--variant=base"], "'gpt_huge'"),
     ("vs_torch.py", ["--shapes=gpt_tiny,lstm_huge"], "lstm_huge"),
     ("levers.py", ["--shape=gpt_tiny", "--variants=base,tanh_gelue"], "tanh_gelue"),
-], ids=["ab_key", "ab_value", "ab_shape", "vs_torch_shape", "levers_variant"])
+    ("levers.py", ["--shape=experiments/no_such.py"], "no_such.py"),
+    ("levers.py", ["--shape=launch.py"], "get_config"),
+    ("levers.py", ["--shape=experiments/bert_bpe.py", "--variants=base,bogus"], "bogus"),
+], ids=["ab_key", "ab_value", "ab_shape", "vs_torch_shape", "levers_variant", "levers_no_file", "levers_not_config",
+        "levers_file_variant"])
 def test_benchmark_scripts_reject_bad_input_in_one_line_before_running(script, args, named):
     # checked before the first run: an unknown levers variant used to be timed silently as the base code
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
