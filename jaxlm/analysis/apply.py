@@ -12,11 +12,13 @@ transformers return logits [B, T, V]; RNN/LSTM return ``(logits, carry)``; ELMo 
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models import elmo, transformer
+from jaxlm.models import elmo, layers, transformer
 
 KINDS = ("causal", "masked", "bidirectional")
 OBJECTIVE_KINDS = {"causal_lm": "causal", "masked_lm": "masked", "bidirectional_lm": "bidirectional"}
@@ -56,21 +58,29 @@ def split_output(out):
     return first                                    # recurrent: (logits, carry)
 
 
-def _at(positions) -> dict:
-    """jaxlm's models take positions=[B, K] (logits at those positions only); a model of one's own need not."""
-    return {} if positions is None else {"positions": positions}
+def _run(forward, inputs, positions):
+    """forward(inputs) -> logits or (fwd, bwd); with positions int [B, K] only there ([B, K, V]): jaxlm's models
+    compute their output layer at those positions only, a model of one's own without a `positions` argument
+    has its full logits gathered."""
+    if positions is None:
+        return split_output(forward(inputs))
+    if "positions" in inspect.signature(forward).parameters:
+        return split_output(forward(inputs, positions=positions))
+    out = split_output(forward(inputs))
+    gather = lambda x: layers.at_positions(x, positions)   # noqa: E731
+    return tuple(map(gather, out)) if isinstance(out, tuple) else gather(out)
 
 
 def logits_from_embeddings(model, x, positions=None):
     """``model.forward_from_embeddings(x)`` (no dropout, zero initial state) -> logits or (fwd, bwd);
     with positions int [B, K], only there ([B, K, V])."""
-    return split_output(model.forward_from_embeddings(x, **_at(positions)))
+    return _run(model.forward_from_embeddings, x, positions)
 
 
 def logits(model, tokens, positions=None):
     """``model(tokens)`` (no dropout, zero initial state) -> logits [B, T, V] or (fwd, bwd); with positions
     int [B, K], only there ([B, K, V])."""
-    return split_output(model(tokens, **_at(positions)))
+    return _run(model, tokens, positions)
 
 
 def predicting_logits(out, kind: str):

@@ -115,11 +115,13 @@ def test_elmo_directions():
     assert (both[0, 1:] > 0).all() and (both[0, :1] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["bert", "lstm"])
+@pytest.mark.parametrize("name", ["bert", "lstm", "own"])
 def test_masked_sensitivity_equals_a_per_position_gradient_of_the_full_logits(name):
     """Independent reference: mask T, run the whole model (logits at every position), differentiate
-    log p(token T) at T w.r.t. the embeddings, average ||.|| over rows (the analysis runs the output layer at T only)."""
-    model = models.build_model(model_cfg(name), VOCAB, 0)
+    log p(token T) at T w.r.t. the embeddings, average ||.|| over rows (the analysis runs the output layer at T
+    only; "own": a model of one's own without a positions argument, whose full logits are gathered)."""
+    model = (LinearRNN(0.8, rngs=nnx.Rngs(params=0)) if name == "own"
+             else models.build_model(model_cfg(name), VOCAB, 0))
     graphdef, params = nnx.split(model, nnx.Param)
     x, mask_id = tokens(), VOCAB - 1
     s = sensitivity.gradient_sensitivity(graphdef, params, x, objective="masked_lm", mask_id=mask_id,
