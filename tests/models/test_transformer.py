@@ -335,9 +335,9 @@ def test_greedy_sampling_equals_a_plain_argmax_loop(name):
     graphdef, params = nnx.split(models.build_model(cfg, VOCAB, 0), nnx.Param)
     prompt = [int(t) for t in np.asarray(random_tokens(7, b=1, t=3))[0]]
     got = generate.sample(graphdef, params, prompt, max_len=8, num_tokens=10, top_k=1, seed=5)
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
     tokens = list(prompt)
     for _ in range(10):
         context = tokens[-8:] if name == "gpt" else tokens
-        logits = nnx.merge(graphdef, params)(jnp.asarray([context], jnp.int32))[0]
-        tokens.append(int(jnp.argmax(logits[0, -1])))
+        tokens.append(int(jnp.argmax(forward(params, jnp.asarray([context], jnp.int32))[0, -1])))
     assert list(got) == tokens[3:]
