@@ -225,10 +225,8 @@ def patched(name):
 
 def mlm_head_everywhere(spec, params, inputs, carry=None, *, dropout_key, mask_key):
     """step.masked_lm_sums with the model's output layers at all T positions (the same selection and loss)."""
-    masked, selected = objectives.mask_tokens(
-        inputs, mask_key, mask_prob=spec.mask_prob, mask_id=spec.mask_id, vocab_size=spec.vocab_size,
-        special_ids=spec.special_ids, max_per_row=objectives.max_selected(inputs.shape[1], spec.mask_prob))
-    logits, carry = nnx.merge(spec.graphdef, params)(masked, carry, dropout_key=dropout_key)
+    masked, selected, _ = step.bert_masking(spec, inputs, mask_key)
+    logits, carry = step.apply_model(spec.graphdef, params, masked, carry, dropout_key=dropout_key)
     return objectives.masked_lm_loss(logits, inputs, selected), carry
 
 

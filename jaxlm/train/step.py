@@ -45,9 +45,22 @@ class StepSpec:
                    axis_name=axis_name)
 
 
-def apply_model(graphdef, params, tokens, carry=None, *, mask=None, dropout_key=None):
-    """Run the model functionally: merge inside the trace, call, return (logits, new_carry)."""
-    return nnx.merge(graphdef, params)(tokens, carry, mask=mask, dropout_key=dropout_key)
+def apply_model(graphdef, params, tokens, carry=None, *, mask=None, dropout_key=None, positions=None):
+    """Run the model functionally: merge inside the trace, call, return (logits, new_carry).
+
+    positions: int [B, K] or None: logits at only these positions ([B, K, V])."""
+    extra = {} if positions is None else {"positions": positions}
+    return nnx.merge(graphdef, params)(tokens, carry, mask=mask, dropout_key=dropout_key, **extra)
+
+
+def bert_masking(spec: StepSpec, inputs, mask_key):
+    """BERT corruption of `inputs` [B, T] with at most K = objectives.max_selected(T, mask_prob) selections per row
+    -> (masked inputs, selected bool [B, T], K)."""
+    per_row = objectives.max_selected(inputs.shape[1], spec.mask_prob)
+    masked, selected = objectives.mask_tokens(inputs, mask_key, mask_prob=spec.mask_prob, mask_id=spec.mask_id,
+                                              vocab_size=spec.vocab_size, special_ids=spec.special_ids,
+                                              max_per_row=per_row)
+    return masked, selected, per_row
 
 
 def masked_lm_sums(spec: StepSpec, params, inputs, carry=None, *, dropout_key, mask_key):
@@ -58,12 +71,9 @@ def masked_lm_sums(spec: StepSpec, params, inputs, carry=None, *, dropout_key, m
     probability below 1e-9), which gives them a static count: the MLM head and the [d, V] output projection run
     at K positions instead of T (T = 128, p = 0.15: 47).
     """
-    per_row = objectives.max_selected(inputs.shape[1], spec.mask_prob)
-    masked, selected = objectives.mask_tokens(inputs, mask_key, mask_prob=spec.mask_prob, mask_id=spec.mask_id,
-                                              vocab_size=spec.vocab_size, special_ids=spec.special_ids,
-                                              max_per_row=per_row)
+    masked, selected, per_row = bert_masking(spec, inputs, mask_key)
     positions, real = objectives.selected_positions(selected, per_row)
-    logits, carry = nnx.merge(spec.graphdef, params)(masked, carry, dropout_key=dropout_key, positions=positions)
+    logits, carry = apply_model(spec.graphdef, params, masked, carry, dropout_key=dropout_key, positions=positions)
     return objectives.masked_lm_loss(logits, jnp.take_along_axis(inputs, positions, axis=1), real), carry
 
 
