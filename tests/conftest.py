@@ -1,4 +1,4 @@
-"""Test session set-up: CPU only, one device unless a test's subprocess asks for more."""
+"""Test session set-up: CPU only, fast compilation, one device unless a test's subprocess asks for more."""
 
 import os
 import sys
@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from child_env import with_fast_compile  # noqa: E402  (tests/ is on the path from here on)
+
+# Before any test imports jax: see child_env.py for why the tests compile with LLVM's optimisation off.
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 
 @pytest.fixture(scope="session")
