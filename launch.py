@@ -190,6 +190,8 @@ def main(argv) -> int:
     from jaxlm.errors import DivergedError, Interrupted, UserError
     try:
         config_lib.validate(config)
+        from jaxlm import preflight
+        preflight.check(config, workdir, mode)   # a wrong path fails now, not after ~5 s of importing JAX
         from jaxlm import parallel   # before anything touches the devices
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         auto=_DISTRIBUTED.value)

@@ -11,9 +11,8 @@ import os
 
 from flax import nnx
 
-from jaxlm import checkpoint, config as config_lib, models
+from jaxlm import checkpoint, config as config_lib, models, preflight
 from jaxlm.data import synthetic, tokenizers
-from jaxlm.errors import UserError
 from jaxlm.train import optim, state as state_lib
 
 
@@ -33,8 +32,7 @@ class TrainedRun:
 
 def load(workdir: str) -> TrainedRun:
     """The latest complete checkpoint of the run in `workdir`, with the config it was trained with."""
-    if not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir!r} does not exist")
+    preflight.check_run(workdir)
     config = config_lib.load(workdir)
     if config.data.source.startswith("synthetic:"):   # the vocabulary is a function of the task alone
         tokenizer = synthetic.load_tokenizer(config.data, workdir)
@@ -50,6 +48,6 @@ def load(workdir: str) -> TrainedRun:
     finally:
         ckpt.close()
     if restored is None:
-        raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+        raise preflight.no_checkpoint(workdir)
     step, state, _ = restored
     return TrainedRun(config=config, tokenizer=tokenizer, graphdef=graphdef, params=state.params, step=int(step))

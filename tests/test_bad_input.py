@@ -183,3 +183,15 @@ def test_bad_input_exits_2_with_one_line_naming_the_value(name, needle, paths, r
 
 def test_the_table_is_big_enough():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_the_checks_made_before_importing_jax_import_none_of_it(paths):
+    """launch.py runs jaxlm.preflight before JAX, Flax and Orbax (4-5 s of start-up), so the path and workdir
+    cases above fail in under a second: a valid source and a trained run pass it with none of them imported."""
+    code = ("import sys; from jaxlm import config, preflight; c = config.default_config(); "
+            f"c.data.source = 'text:{paths['data']}/corpus.txt'; preflight.check(c, '', 'train'); "
+            f"preflight.check(c, {paths['char_run']!r}, 'sample'); "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'optax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

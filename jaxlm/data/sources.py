@@ -62,6 +62,19 @@ def read_text(source: str, *, max_bytes: int = 0) -> str:
     return text
 
 
+def check(source: str) -> None:
+    """The checks of :func:`read_text` that open no file: the form of ``source`` and that its files exist.
+
+    Cheap, so a launch runs it before importing JAX (jaxlm.preflight); read_text checks the contents."""
+    kind, sep, arg = source.partition(":")
+    if kind == "text" and arg:
+        _resolve_paths(source, arg)
+    elif kind == "jsonl" and arg:
+        _resolve_paths(source, _jsonl_path_and_field(source, arg)[0], allow_glob=False)
+    elif not (kind == "builtin" and not sep or kind == "synthetic" and arg):
+        raise UserError(f"invalid data.source={source!r}: use {KNOWN_SOURCES}")
+
+
 def synthetic_module(source: str):
     """The ``jaxlm.data.synthetic`` module, or a UserError if this build does not have it yet."""
     if importlib.util.find_spec(SYNTHETIC_MODULE) is None:
@@ -127,9 +140,7 @@ def _read_text_files(source: str, pattern: str) -> str:
 
 def _read_jsonl(source: str, arg: str) -> str:
     """``jsonl:PATH:FIELD``: the string field FIELD of each JSON line, documents joined with a blank line."""
-    path, sep, field = arg.rpartition(":")
-    if not sep or not path or not field:
-        raise UserError(f"invalid data.source={source!r}: use jsonl:PATH:FIELD (FIELD = the JSON key holding the text)")
+    path, field = _jsonl_path_and_field(source, arg)
     (path,) = _resolve_paths(source, path, allow_glob=False)
     docs = []
     for lineno, line in enumerate(_read_utf8(source, path).split("\n"), start=1):
@@ -152,6 +163,14 @@ def _read_jsonl(source: str, arg: str) -> str:
                             f"{type(record[field]).__name__}, not a string")
         docs.append(record[field])
     return DOCUMENT_SEPARATOR.join(docs)
+
+
+def _jsonl_path_and_field(source: str, arg: str) -> tuple[str, str]:
+    """``PATH:FIELD`` of a ``jsonl:PATH:FIELD`` source."""
+    path, sep, field = arg.rpartition(":")
+    if not sep or not path or not field:
+        raise UserError(f"invalid data.source={source!r}: use jsonl:PATH:FIELD (FIELD = the JSON key holding the text)")
+    return path, field
 
 
 def _resolve_paths(source: str, pattern: str, *, allow_glob: bool = True) -> list[str]:

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm import checkpoint, data, generate, metric_writer, models, parallel, perf, step_cache
+from jaxlm import checkpoint, data, generate, metric_writer, models, parallel, perf, preflight, step_cache
 from jaxlm import config as config_lib
 from jaxlm.errors import DivergedError, Interrupted, UserError
 from jaxlm.train import optim, state as state_lib, step as step_lib
@@ -71,7 +71,7 @@ def setup(config, workdir: str, *, restart: bool = False, for_training: bool = T
             stopped_at = start_step   # it stopped there once solved (0 or a stricter threshold trains on)
     elif not for_training:
         checkpointer.close()
-        raise UserError(f"no checkpoint in workdir {workdir!r}: train there first (python launch.py --workdir=...)")
+        raise preflight.no_checkpoint(workdir)
     else:
         if resuming:   # its steps vanished between listing and restoring (another process cleared them)
             model, params, carry = model_and_params(config, dataset.tokenizer.vocab_size, abstract=False)

@@ -11,10 +11,10 @@ from jaxlm.data import sources
 from jaxlm.errors import UserError
 
 
-def _error(source, **kwargs):
-    """The UserError message for ``source``, checked to be one line naming the source value."""
+def _error(source, read=sources.read_text):
+    """The UserError message of ``read(source)``, checked to be one line naming the source value."""
     with pytest.raises(UserError) as error:
-        sources.read_text(source, **kwargs)
+        read(source)
     message = str(error.value)
     assert "\n" not in message
     assert repr(source) in message, message
@@ -114,6 +114,24 @@ def test_jsonl_bad_spec(tmp_path):
     assert "jsonl:PATH:FIELD" in _error(f"jsonl:{tmp_path}/d.jsonl")
     assert "no such file" in _error(f"jsonl:{tmp_path}/missing.jsonl:text")
     assert "is a directory" in _error(f"jsonl:{tmp_path}:text")
+
+
+def test_check_raises_what_read_text_raises_and_opens_no_file(tmp_path, monkeypatch):
+    """sources.check (run before JAX is imported) gives read_text's own message for every form or path error,
+    and passes every source read_text could read without opening a file (contents are read_text's job)."""
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n')
+    for source in (f"text:{tmp_path}/missing.txt", f"text:{tmp_path}/*.nothing", f"text:{tmp_path}",
+                   f"jsonl:{tmp_path}/d.jsonl", f"jsonl:{tmp_path}/missing.jsonl:text", f"jsonl:{tmp_path}:text",
+                   "foo:bar", "builtin:x", "text:", ""):
+        assert _error(source, sources.check) == _error(source), source
+
+    def no_open(*args, **kwargs):
+        raise AssertionError(f"opened {args[0]}")
+    monkeypatch.setattr("builtins.open", no_open)
+    for source in ("builtin", f"text:{tmp_path}/a.txt", f"text:{tmp_path}/*.txt", f"jsonl:{tmp_path}/d.jsonl:text",
+                   "synthetic:copy"):
+        assert sources.check(source) is None, source
 
 
 # ---------------------------------------------------------------------------------------------- kinds
