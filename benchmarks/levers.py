@@ -234,7 +234,10 @@ def shape_config(shape: str):
     """A reference shape's config, or an experiment file's (--shape=experiments/bert_bpe.py)."""
     if not shape.endswith(".py"):
         return bench.shape_config(shape)
-    get_config = runpy.run_path(shape).get("get_config")
+    try:
+        get_config = runpy.run_path(shape).get("get_config")
+    except SyntaxError as e:
+        raise UserError(f"--shape={shape!r} is not valid Python: {e.msg} (line {e.lineno})") from None
     if get_config is None:
         raise UserError(f"--shape={shape!r} defines no get_config()")
     config = get_config()

@@ -213,10 +213,13 @@ def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
     ("levers.py", ["--shape=experiments/no_such.py"], "no_such.py"),
     ("levers.py", ["--shape=launch.py"], "get_config"),
     ("levers.py", ["--shape=experiments/bert_bpe.py", "--variants=base,bogus"], "bogus"),
+    ("levers.py", ["--shape={tmp}/broken.py"], "not valid Python"),
 ], ids=["ab_key", "ab_value", "ab_shape", "vs_torch_shape", "levers_variant", "levers_no_file", "levers_not_config",
-        "levers_file_variant"])
-def test_benchmark_scripts_reject_bad_input_in_one_line_before_running(script, args, named):
+        "levers_file_variant", "levers_syntax_error"])
+def test_benchmark_scripts_reject_bad_input_in_one_line_before_running(script, args, named, tmp_path):
     # checked before the first run: an unknown levers variant used to be timed silently as the base code
+    (tmp_path / "broken.py").write_text("def get_config(:\n")   # an experiment file with a syntax error
+    args = [a.format(tmp=tmp_path) for a in args]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     lines = r.stderr.strip().splitlines()
