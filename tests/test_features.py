@@ -60,7 +60,7 @@ def test_elmo_embeddings_have_the_stated_shape_and_padding_does_not_leak(tmp_pat
 
 
 def test_bert_fills_in_the_blank_of_the_text_it_learned(tmp_path_factory):
-    run = tiny_run(tmp_path_factory, "bert", 1000, objective__mask_prob=0.3, model__d_model=64, train__batch_size=32)
+    run = tiny_run(tmp_path_factory, "bert", 700, objective__mask_prob=0.3, model__d_model=64, train__batch_size=32)
     tables = features.fill_mask(run, "to be or n[MASK]t to be, that is the question.", top_k=3)
     assert len(tables) == 1 and len(tables[0]) == 3
     probs = [p for _, p in tables[0]]
