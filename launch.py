@@ -155,6 +155,19 @@ def _configure_jax(use_cache: bool) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _import_flax_without_ipython() -> None:
+    """Import Flax with IPython hidden: at import, Flax asks IPython whether it runs in a notebook (for coloured
+    reprs), and importing IPython for that costs 0.7-1.0 s of every launch here. A command-line process never
+    runs in IPython, so the answer is the same; IPython is importable again afterwards."""
+    if "IPython" in sys.modules:
+        return
+    sys.modules["IPython"] = None   # `import IPython` raises ImportError while this is set
+    try:
+        import flax.nnx  # noqa: F401
+    finally:
+        del sys.modules["IPython"]
+
+
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -192,6 +205,7 @@ def main(argv) -> int:
         config_lib.validate(config)
         from jaxlm import preflight
         preflight.check(config, workdir, mode)   # a wrong path fails now, not after ~5 s of importing JAX
+        _import_flax_without_ipython()
         from jaxlm import parallel   # before anything touches the devices
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         auto=_DISTRIBUTED.value)

@@ -110,3 +110,14 @@ def test_a_closed_stdout_ends_quietly():
     stderr = pipe.communicate(timeout=60)[1].decode()
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert pipe.returncode in (0, -13, 141)    # done, or ended by SIGPIPE like any Unix tool
+
+
+def test_flax_is_imported_with_ipython_hidden_and_ipython_stays_importable():
+    """launch.py imports Flax without letting it import IPython (0.7-1.0 s of every launch); afterwards
+    `import IPython` works as before (where it is installed)."""
+    code = ("import importlib.util, sys; import launch; launch._import_flax_without_ipython(); "
+            "print('flax.nnx' in sys.modules, 'IPython' in sys.modules); "
+            "print(importlib.util.find_spec('IPython') is None or __import__('IPython').__name__ == 'IPython')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "True"], out.stdout
