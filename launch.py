@@ -15,6 +15,7 @@ Exit codes: 0 done; 2 bad flag, config, data or workdir (one line on stderr, no 
 """
 
 import errno
+import importlib
 import os
 import sys
 import time
@@ -163,7 +164,7 @@ def _import_flax_without_ipython() -> None:
         return
     sys.modules["IPython"] = None   # `import IPython` raises ImportError while this is set
     try:
-        import flax.nnx  # noqa: F401
+        importlib.import_module("flax.nnx")
     finally:
         del sys.modules["IPython"]
 
