@@ -24,8 +24,9 @@ def check(config, workdir: str, mode: str) -> None:
         check_run(workdir)
 
 
-def check_run(workdir: str) -> None:
-    """A trained run's workdir: it exists, its config.json and tokenizer read, and it holds a checkpoint step."""
+def check_run(workdir: str):
+    """A trained run's workdir: it exists, its config.json and tokenizer read, and it holds a checkpoint step.
+    Returns the run's config (config_lib.load)."""
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir!r} does not exist")
     config = config_lib.load(workdir)
@@ -34,6 +35,7 @@ def check_run(workdir: str) -> None:
     directory = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
         raise no_checkpoint(workdir)
+    return config
 
 
 def no_checkpoint(workdir: str) -> UserError:

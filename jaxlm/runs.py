@@ -11,7 +11,7 @@ import os
 
 from flax import nnx
 
-from jaxlm import checkpoint, config as config_lib, models, preflight
+from jaxlm import checkpoint, models, preflight
 from jaxlm.data import synthetic, tokenizers
 from jaxlm.train import optim, state as state_lib
 
@@ -32,8 +32,7 @@ class TrainedRun:
 
 def load(workdir: str) -> TrainedRun:
     """The latest complete checkpoint of the run in `workdir`, with the config it was trained with."""
-    preflight.check_run(workdir)
-    config = config_lib.load(workdir)
+    config = preflight.check_run(workdir)
     if config.data.source.startswith("synthetic:"):   # the vocabulary is a function of the task alone
         tokenizer = synthetic.load_tokenizer(config.data, workdir)
     else:

@@ -195,3 +195,16 @@ def test_the_checks_made_before_importing_jax_import_none_of_it(paths):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("args", [["--config.data.source=text:{data}/missing.txt", "--workdir={w}"],
+                                  ["--mode=sample", "--workdir={no_ckpt}"]], ids=["missing_corpus", "no_checkpoint"])
+def test_launch_rejects_a_wrong_path_before_importing_jax(args, paths, tmp_path):
+    """The user-facing side of the above: launch.py exits 2 on these without JAX ever being imported."""
+    argv = [a.format(**paths, w=str(tmp_path / "run")) for a in args]
+    code = ("import runpy, sys\nsys.argv = ['launch.py', *%r]\ntry:\n    runpy.run_path('launch.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    print(e.code, 'jax' in sys.modules)\n" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=child_env(JAXLM_NO_REEXEC="1"))
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr[-2000:])
+    assert out.stderr.strip().startswith("launch.py: error: ") and "\n" not in out.stderr.strip(), out.stderr

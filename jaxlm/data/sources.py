@@ -71,7 +71,7 @@ def check(source: str) -> None:
         _resolve_paths(source, arg)
     elif kind == "jsonl" and arg:
         _resolve_paths(source, _jsonl_path_and_field(source, arg)[0], allow_glob=False)
-    elif not (kind == "builtin" and not sep or kind == "synthetic" and arg):
+    elif not ((kind == "builtin" and not sep) or (kind == "synthetic" and arg)):
         raise UserError(f"invalid data.source={source!r}: use {KNOWN_SOURCES}")
 
 
