@@ -238,9 +238,14 @@ def shape_config(shape: str):
         get_config = runpy.run_path(shape).get("get_config")
     except SyntaxError as e:
         raise UserError(f"--shape={shape!r} is not valid Python: {e.msg} (line {e.lineno})") from None
+    except Exception as e:   # an experiment file that fails to import, as launch.py reports it
+        raise UserError(f"--shape={shape!r} could not be loaded: {type(e).__name__}: {e}") from None
     if get_config is None:
         raise UserError(f"--shape={shape!r} defines no get_config()")
-    config = get_config()
+    try:
+        config = get_config()
+    except Exception as e:
+        raise UserError(f"--shape={shape!r}: get_config() failed: {type(e).__name__}: {e}") from None
     config_lib.validate(config)
     return config
 

@@ -214,11 +214,13 @@ def test_ab_alternates_the_order_and_reports_each_rounds_paired_ratio():
     ("levers.py", ["--shape=launch.py"], "get_config"),
     ("levers.py", ["--shape=experiments/bert_bpe.py", "--variants=base,bogus"], "bogus"),
     ("levers.py", ["--shape={tmp}/broken.py"], "not valid Python"),
+    ("levers.py", ["--shape={tmp}/raises.py"], "ModuleNotFoundError: No module named 'no_such_module'"),
 ], ids=["ab_key", "ab_value", "ab_shape", "vs_torch_shape", "levers_variant", "levers_no_file", "levers_not_config",
-        "levers_file_variant", "levers_syntax_error"])
+        "levers_file_variant", "levers_syntax_error", "levers_import_error"])
 def test_benchmark_scripts_reject_bad_input_in_one_line_before_running(script, args, named, tmp_path):
     # checked before the first run: an unknown levers variant used to be timed silently as the base code
     (tmp_path / "broken.py").write_text("def get_config(:\n")   # an experiment file with a syntax error
+    (tmp_path / "raises.py").write_text("import no_such_module\n")   # ... and one that fails to import
     args = [a.format(tmp=tmp_path) for a in args]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
