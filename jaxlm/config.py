@@ -132,6 +132,16 @@ def objective_name(config) -> str:
     return config.objective.name or DEFAULT_OBJECTIVE[config.model.name]
 
 
+def caveats(config) -> list[str]:
+    """Settings that are valid but probably not what was meant: each a line the training log starts with."""
+    notes = []
+    if config.model.name == "bert" and objective_name(config) == "causal_lm":   # kept: a leakage demonstration
+        notes.append("model.name=bert attends in both directions, so with objective.name=causal_lm each position "
+                     "sees the token it predicts and the loss falls towards 0 by copying it; a causal LM is "
+                     "model.name=gpt")
+    return notes
+
+
 def _fail(key: str, value, allowed: str):
     raise UserError(f"invalid {key}={value!r}: {allowed}")
 

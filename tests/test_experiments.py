@@ -50,3 +50,16 @@ def test_char_models_match_the_gpt_parameter_count(name):
     gpt = param_count(load(os.path.join(ROOT, "experiments", "gpt_char.py")))
     other = param_count(load(os.path.join(ROOT, "experiments", f"{name}.py")))
     assert abs(other - gpt) / gpt < 0.10, (name, other, gpt)
+
+
+def test_only_a_bert_trained_as_a_causal_lm_is_flagged():
+    """A bidirectional encoder under causal_lm sees each target (a leak the run log names); no shipped
+    experiment, and no other model/objective pairing, draws a note."""
+    assert all(config_lib.caveats(load(path)) == [] for path in EXPERIMENTS)
+    bert = load(os.path.join(ROOT, "experiments", "bert_char.py"))
+    for name, objective in [("bert", ""), ("bert", "masked_lm"), ("gpt", "causal_lm"), ("gpt", "masked_lm"),
+                            ("lstm", "masked_lm"), ("bert", "causal_lm")]:
+        bert.model.name, bert.objective.name = name, objective
+        notes = config_lib.caveats(bert)
+        leaks = (name, objective) == ("bert", "causal_lm")
+        assert len(notes) == leaks and all("sees the token it predicts" in n for n in notes), (name, objective, notes)

@@ -199,6 +199,8 @@ def _log_start(run: Run) -> None:
     run.writer.log(f"{c.model.name}: {run.num_params:,} parameters, {run.flops_per_token / 1e6:.2f} MFLOP/token, "
                    f"vocab {run.dataset.tokenizer.vocab_size}, {len(run.dp.devices)} device(s), {c.parallel.strategy}; "
                    f"{what} -> {c.train.steps} steps; workdir {run.workdir}")
+    for note in config_lib.caveats(c):
+        run.writer.log(f"note: {note}")
     if run.start_step == 0:
         run.writer.write_text(0, "config", "```\n" + c.to_json_best_effort(indent=2) + "\n```")
         hparams = {k: v for k, v in config_lib.flatten(c).items() if isinstance(v, (bool, int, float, str))}
