@@ -11,8 +11,11 @@ the order rotating between rounds; ratios are medians over rounds of jaxlm / (be
   pip install torch==2.13.0            # the optional extra: pip install -e ".[torch]"
   python benchmarks/vs_torch.py                        # all shapes, 3 rounds (~15-25 min on 2 cores)
   python benchmarks/vs_torch.py --shapes=gpt_small --rounds=5 --out=benchmarks/out/vs_torch.json
+  python benchmarks/vs_torch.py --summarize=benchmarks/out/vs_torch.json   # the tables again, nothing run
 
-Without torch it says so and exits 0.  The torch scripts are looked up in <repo>/../shared/bench, or
+It prints two tables: per shape (tokens/s, ratio, MFU, compile and first-step times), and issue 8's targets
+(TARGETS: speed against torch's best setting, MFU, first-step compile cold and cached), each with its value in
+every round and whether the median meets it.  Without torch it says so and exits 0.  The torch scripts are looked up in <repo>/../shared/bench, or
 --torch_bench_dir.
 """
 
@@ -30,6 +33,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 HUGETLB = "glibc.malloc.hugetlb=1"
+
+# Issue 8's targets: jaxlm / (torch eager at its best setting), MFU of the model's FLOPs, first-step compile.
+RATIO_TARGETS = {"gpt_tiny": 1.25, "gpt_small": 1.25, "gpt_small_v8192": 1.25, "lstm_tiny": 1.0, "lstm_small": 1.0}
+MFU_TARGETS = {"gpt_small": 0.5, "lstm_small": 0.75}
+COMPILE_TARGETS_S = {"cold": 1.5, "cached": 0.5}   # every shape: trace + lower + XLA compile (or cache load)
 
 
 def torch_args(config, steps: int) -> tuple[str, list[str]]:
@@ -87,7 +95,10 @@ def main():
     p.add_argument("--torch_steps", type=int, default=20, help="timed torch steps per run")
     p.add_argument("--torch_bench_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "bench"))
     p.add_argument("--out", default="", help="also write every run as JSON here")
+    p.add_argument("--summarize", default="", help="print the tables of a run saved with --out; run nothing")
     a = p.parse_args()
+    if a.summarize:
+        return summarize(a.summarize)
     shapes = [s for s in a.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in bench.SHAPES]
     if unknown or not shapes or a.rounds < 1 or a.torch_steps < 1:
@@ -119,12 +130,32 @@ def main():
                     runs[s][c].append(res)
                     print(f"round {r + 1} {s:>16} {c:>14}: {res['tokens_per_sec']:9,.0f} tok/s", file=sys.stderr,
                           flush=True)
-    print(table(runs, a.rounds))
+    print(table(runs, a.rounds) + "\n\n" + targets_table(runs))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump(runs, f, indent=1)
     return 0
+
+
+def summarize(path: str) -> int:
+    """Print the tables of a saved run (--out); exit 2 on a file that is not one."""
+    try:
+        with open(path) as f:
+            runs = json.load(f)
+        text = table(runs, len(next(iter(runs.values()))["jaxlm"])) + "\n\n" + targets_table(runs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+        print(f"vs_torch: error: --summarize={path!r} is not a run saved with --out ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def round_ratios(by: dict) -> list[float]:
+    """Per round: jaxlm tokens/s over the better of torch's two allocator settings in that round."""
+    j, t0, t1 = ([x["tokens_per_sec"] for x in by[c]] for c in ("jaxlm", "torch", "torch+hugetlb"))
+    return [a / max(b, c) for a, b, c in zip(j, t0, t1)]
 
 
 def table(runs: dict, rounds: int) -> str:
@@ -135,7 +166,7 @@ def table(runs: dict, rounds: int) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for s, by in runs.items():
         j, t0, t1 = ([x["tokens_per_sec"] for x in by[c]] for c in ("jaxlm", "torch", "torch+hugetlb"))
-        ratio = med(a / max(b, c) for a, b, c in zip(j, t0, t1))
+        ratio = med(round_ratios(by))
         # compile: trace + lower + XLA compile (or cache load); first step: that plus the first execution
         compile_s, first = ({k: med(x[f"compile_{k}"][field] for x in by["jaxlm"]) for k in ("cold", "cached")}
                             for field in ("compile_s", "first_step_s"))
@@ -144,6 +175,31 @@ def table(runs: dict, rounds: int) -> str:
                      f"{compile_s['cold']:.2f} / {compile_s['cached']:.2f} | "
                      f"{first['cold']:.2f} / {first['cached']:.2f} |")
     return "\n".join(lines)
+
+
+def targets_table(runs: dict) -> str:
+    """Issue 8's targets for the shapes in `runs`: each value per round, its median, and whether that meets the
+    target (with how many rounds did)."""
+    rows = ["| target | shape | per round | median | status |", "|---|---|---|---|---|"]
+
+    def row(target: str, shape: str, values: list, unit: str, limit: float, at_least: bool) -> None:
+        hits = sum(v >= limit if at_least else v < limit for v in values)
+        median = statistics.median(values)
+        met = median >= limit if at_least else median < limit
+        rows.append(f"| {target} | {shape} | {' / '.join(f'{v:.2f}' for v in values)} | {median:.2f}{unit} | "
+                    f"{'**met**' if met else 'not met'} ({hits}/{len(values)} rounds) |")
+
+    for s, by in runs.items():
+        if s in RATIO_TARGETS:
+            row(f">= {RATIO_TARGETS[s]:.2f}x torch", s, round_ratios(by), "x", RATIO_TARGETS[s], True)
+    for s, by in runs.items():
+        if s in MFU_TARGETS:
+            row(f"MFU >= {MFU_TARGETS[s]:.2f}", s, [x["mfu"] for x in by["jaxlm"]], "", MFU_TARGETS[s], True)
+    for kind, limit in COMPILE_TARGETS_S.items():
+        for s, by in runs.items():
+            row(f"compile {kind} < {limit:g} s", s, [x[f"compile_{kind}"]["compile_s"] for x in by["jaxlm"]], " s",
+                limit, False)
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

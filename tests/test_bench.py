@@ -169,6 +169,36 @@ def test_vs_torch_skips_cleanly_without_the_peer_scripts(tmp_path):
     assert "Skipping" in r.stdout
 
 
+def test_vs_torch_judges_each_target_by_its_median_over_rounds(tmp_path):
+    """--summarize re-renders a saved run; ratios are against torch's better allocator setting in each round."""
+    def jaxlm(tps, mfu, cold, cached):
+        return {"tokens_per_sec": tps, "mfu": mfu, "mfu_executed": mfu,
+                "compile_cold": {"compile_s": cold, "first_step_s": cold + 1}, "compile_cached": {"compile_s": cached,
+                                                                                                  "first_step_s": 1.0}}
+    torch = lambda tps: {"tokens_per_sec": tps}   # noqa: E731
+    runs = {"gpt_small": {"jaxlm": [jaxlm(130, 0.6, 2.0, 0.2), jaxlm(120, 0.4, 1.4, 0.2), jaxlm(100, 0.55, 2.5, 0.6)],
+                          "torch": [torch(100), torch(100), torch(50)],
+                          "torch+hugetlb": [torch(90), torch(100), torch(100)]},   # best: 100 / 100 / 100
+            "lstm_tiny": {"jaxlm": [jaxlm(99, 0.3, 1.0, 0.1)] * 3, "torch": [torch(100)] * 3,
+                          "torch+hugetlb": [torch(10)] * 3}}
+    (tmp_path / "run.json").write_text(json.dumps(runs))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vs_torch.py"),
+                        f"--summarize={tmp_path / 'run.json'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:6]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and line.count("|") == 6}
+    assert rows[(">= 1.25x torch", "gpt_small")] == ["1.30 / 1.20 / 1.00", "1.20x", "not met (1/3 rounds)"]
+    assert rows[(">= 1.00x torch", "lstm_tiny")] == ["0.99 / 0.99 / 0.99", "0.99x", "not met (0/3 rounds)"]
+    assert rows[("MFU >= 0.50", "gpt_small")] == ["0.60 / 0.40 / 0.55", "0.55", "**met** (2/3 rounds)"]
+    assert not [k for k in rows if k[0].startswith("MFU") and k[1] == "lstm_tiny"]   # MFU targets: small shapes only
+    assert rows[("compile cold < 1.5 s", "gpt_small")] == ["2.00 / 1.40 / 2.50", "2.00 s", "not met (1/3 rounds)"]
+    assert rows[("compile cached < 0.5 s", "gpt_small")] == ["0.20 / 0.20 / 0.60", "0.20 s", "**met** (2/3 rounds)"]
+    assert "| gpt_small | 120 | 100 | 100 | **1.20x** |" in r.stdout   # the per-shape table, from the same rounds
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "vs_torch.py"),
+                        f"--summarize={tmp_path / 'bad.json'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bad.json" in r.stderr, r.stderr
+
 def test_the_table_shows_compile_and_first_step_times_apart():
     row = {"name": "m", "params": 1000, "flops_per_token": 2e6, "flops_per_token_xla": 3e6,
            "flops_per_token_jaxpr": 2.5e6, "tokens_per_sec": 5000.0, "step_ms_median": 40.0, "peak_rss_mb": 600.0,
