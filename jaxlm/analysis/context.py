@@ -18,7 +18,8 @@ model.max_len); elmo from its forward direction (the backward one has nothing to
 
 :func:`effective_context` is the smallest d whose loss is within a relative tolerance of the BEST loss over
 all d: an undertrained model can be worse with its full context than with a shorter one, so "within 1% of
-full context" would be the wrong reference.
+full context" would be the wrong reference.  :func:`paired_increase` gives each d's loss change against the full
+context with a paired standard error (the same windows at every d).
 """
 
 from __future__ import annotations
@@ -147,6 +148,17 @@ def summarize(losses: dict[int, np.ndarray]) -> dict[int, tuple[float, float]]:
         stderr = float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
         out[int(d)] = (float(np.mean(v)), stderr)
     return out
+
+
+def paired_increase(losses: dict[int, np.ndarray], reference: int) -> dict[int, tuple[float, float]]:
+    """{d: per-window losses} -> {d: (mean of loss_d - loss_reference, its standard error)} over the same windows.
+
+    Every d scores the same windows, so a window's own difficulty cancels in the difference: its standard error
+    is the one to read a change of loss by (the per-d errors of :func:`summarize` include that difficulty, and
+    are several times larger where windows vary more than the effect of the context does).
+    """
+    ref = np.asarray(losses[int(reference)], np.float64)
+    return summarize({d: np.asarray(v, np.float64) - ref for d, v in losses.items()})
 
 
 def context_ablation(graphdef, params, windows, *, distances, mode: str = "drop", objective: str | None = None,

@@ -114,17 +114,21 @@ def relative_at(distances, mean, *, side: int = 1) -> dict:
 
 def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: float, seed: int,
                  objective: str | None = None) -> dict:
-    """{"grid", "losses": {mode: {d: [mean, stderr]}}, "effective_context": {mode: d}} over windows [N, L+1];
+    """{"grid", "losses": {mode: {d: [mean, stderr]}}, "increase": {mode: {d: [mean, paired stderr]}} (loss at d
+    minus the full-context loss, window by window), "effective_context": {mode: d}} over windows [N, L+1];
     objective: the one the model was trained with (None: the model class's own)."""
     grid = context.distance_grid(windows.shape[1] - 1)
-    losses, effective = {}, {}
+    losses, increase, effective = {}, {}, {}
     for mode in modes:
-        res = context.context_ablation(graphdef, params, windows, distances=grid, mode=mode, objective=objective,
-                                       tokenizer=tokenizer, seed=seed)
+        per_window = context.context_ablation_losses(graphdef, params, windows, distances=grid, mode=mode,
+                                                     objective=objective, tokenizer=tokenizer, seed=seed)
+        res = context.summarize(per_window)
         losses[mode] = {str(d): [m, e] for d, (m, e) in res.items()}
+        increase[mode] = {str(d): [m, e] for d, (m, e) in context.paired_increase(per_window, grid[-1]).items()}
         effective[mode] = context.effective_context(res, tolerance)
-    return {"grid": grid, "losses": losses, "effective_context": effective, "tolerance": tolerance,
-            "num_windows": int(len(windows)), "full_context_loss": losses[modes[0]][str(grid[-1])][0]}
+    return {"grid": grid, "losses": losses, "increase": increase, "effective_context": effective,
+            "tolerance": tolerance, "num_windows": int(len(windows)),
+            "full_context_loss": losses[modes[0]][str(grid[-1])][0]}
 
 
 def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarray:
@@ -255,6 +259,13 @@ def run_report(results: dict, images) -> str:
     for mode, pts in ab["losses"].items():
         cells = " | ".join(f"{pts[str(d)][0]:.3f} ± {pts[str(d)][1]:.3f}" for d in ab["grid"])
         lines.append(f"| {mode} | {ab['effective_context'][mode]} | {cells} |")
+    lines += ["", f"Loss at d minus the full-context loss (d={ab['grid'][-1]}), window by window: the mean and its "
+              "paired standard error, the error to compare distances by (the ± above include how much the windows "
+              "differ from each other).", "",
+              "| mode | " + " | ".join(f"d={d}" for d in ab["grid"][:-1]) + " |", "|---|" + "---|" * (len(ab["grid"]) - 1)]
+    for mode, pts in ab["increase"].items():
+        lines.append(f"| {mode} | " + " | ".join(f"{pts[str(d)][0]:+.3f} ± {pts[str(d)][1]:.3f}"
+                                                 for d in ab["grid"][:-1]) + " |")
     lines += [""] + [f"![{name}]({name}.png)" for name in images]
     if "attention" in results:
         lines += ["", "Attention head view (offline): [head_view.html](head_view.html)"]

@@ -129,3 +129,34 @@ def test_analyze_run_hooks_score_the_objective_the_model_was_trained_with(name, 
     np.testing.assert_allclose(ablation["full_context_loss"], ref.mean(), rtol=1e-6)
     sens, _ = hooks.run_sensitivity(graphdef, params, w[:8, :L], objective=objective, mask_id=12, out_dir=None)
     assert sens["target_positions"] == hooks.sensitivity_positions(kind, L).tolist()
+
+
+def test_paired_increase_cancels_what_the_windows_share():
+    """Each window's own difficulty cancels window by window: a constant change of loss has zero paired error."""
+    difficulty = np.random.default_rng(0).gamma(2.0, 1.0, 500)          # per-window offsets, shared by every d
+    losses = {1: difficulty + 0.75, 4: difficulty + 0.25, 16: difficulty}
+    inc = context.paired_increase(losses, 16)
+    assert inc[1] == pytest.approx((0.75, 0.0), abs=1e-12) and inc[16] == (0.0, 0.0)
+    assert context.summarize(losses)[1][1] > 0.05                        # the unpaired error sees the spread
+
+
+def test_ablation_reports_the_increase_over_full_context_with_its_paired_error():
+    """run_ablation's increase against float64 NumPy over direct forward passes on the last d tokens (gpt)."""
+    from jaxlm.analysis import hooks
+    import types
+    graphdef, params = build("gpt")
+    w = windows(n=48, seed=3)
+    tok = types.SimpleNamespace(vocab_size=VOCAB, special_ids=SPECIALS, mask_id=12)
+    out = hooks.run_ablation(graphdef, params, w, tokenizer=tok, modes=("drop",), tolerance=0.01, seed=0)
+    full = direct_losses(graphdef, params, w[:, :-1], w[:, -1], "causal")
+    for d in out["grid"]:
+        diff = direct_losses(graphdef, params, w[:, L - d:-1], w[:, -1], "causal") - full
+        mean, stderr = out["increase"]["drop"][str(d)]
+        np.testing.assert_allclose(mean, diff.mean(), atol=1e-6)
+        np.testing.assert_allclose(stderr, diff.std(ddof=1) / np.sqrt(len(diff)), rtol=1e-4, atol=1e-7)
+    assert out["increase"]["drop"][str(L)] == [0.0, 0.0]
+    report = hooks.run_report({"workdir": "w", "model": "gpt", "kind": "causal", "step": 1, "data_source": "x",
+                               "seq_len": L, "sensitivity": {"num_sequences": 1, "target_positions": [1],
+                                                             "relative": {}}, "ablation": out}, [])
+    mean, stderr = out["increase"]["drop"]["1"]
+    assert f"| drop | {mean:+.3f} ± {stderr:.3f} |" in report
