@@ -14,9 +14,9 @@ the order rotating between rounds; ratios are medians over rounds of jaxlm / (be
   python benchmarks/vs_torch.py --summarize=benchmarks/out/vs_torch.json   # the tables again, nothing run
 
 It prints two tables: per shape (tokens/s, ratio, MFU, compile and first-step times), and issue 8's targets
-(TARGETS: speed against torch's best setting, MFU, first-step compile cold and cached), each with its value in
-every round and whether the median meets it.  Without torch it says so and exits 0.  The torch scripts are looked up in <repo>/../shared/bench, or
---torch_bench_dir.
+(RATIO_TARGETS, MFU_TARGETS, COMPILE_TARGETS_S: speed against torch's best setting, MFU, first-step compile cold
+and cached), each with its value in every round and whether the median meets it.  Without torch it says so and
+exits 0.  The torch scripts are looked up in <repo>/../shared/bench, or --torch_bench_dir.
 """
 
 from __future__ import annotations

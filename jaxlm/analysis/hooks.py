@@ -262,7 +262,8 @@ def run_report(results: dict, images) -> str:
     lines += ["", f"Loss at d minus the full-context loss (d={ab['grid'][-1]}), window by window: the mean and its "
               "paired standard error, the error to compare distances by (the ± above include how much the windows "
               "differ from each other).", "",
-              "| mode | " + " | ".join(f"d={d}" for d in ab["grid"][:-1]) + " |", "|---|" + "---|" * (len(ab["grid"]) - 1)]
+              "| mode | " + " | ".join(f"d={d}" for d in ab["grid"][:-1]) + " |",
+              "|---|" + "---|" * (len(ab["grid"]) - 1)]
     for mode, pts in ab["increase"].items():
         lines.append(f"| {mode} | " + " | ".join(f"{pts[str(d)][0]:+.3f} ± {pts[str(d)][1]:.3f}"
                                                  for d in ab["grid"][:-1]) + " |")
