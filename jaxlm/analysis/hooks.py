@@ -86,20 +86,34 @@ def run_sensitivity(graphdef, params, windows, *, objective: str, mask_id, out_d
     kind = apply.kind_of(graphdef, params, objective)
     length = windows.shape[1]
     positions = sensitivity_positions(kind, length, answer_last=answer_last)
-    s = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions, objective=objective,
-                                         mask_id=mask_id)
+    each = sensitivity.gradient_sensitivity(graphdef, params, windows, target_positions=positions,
+                                            objective=objective, mask_id=mask_id, per_sequence=True)
     two_sided = kind != "causal"
-    dist, mean, std = sensitivity.sensitivity_by_distance(s, target_positions=positions, bidirectional=two_sided)
+    dist, mean, std = sensitivity.sensitivity_by_distance(each.mean(axis=0), target_positions=positions,
+                                                          bidirectional=two_sided)
+    # each sequence's own curve (the fold is linear: their mean is `mean`), for error bars over sequences
+    curves = np.stack([sensitivity.sensitivity_by_distance(e, target_positions=positions, bidirectional=two_sided)[1]
+                       for e in each])
     result = {"distances": dist.tolist(), "mean": mean.tolist(), "std": std.tolist(),
               "target_positions": positions.tolist(), "num_sequences": int(len(windows))}
-    result["relative"] = relative_at(dist, mean, side=1)
-    if two_sided:
-        result["relative_right"] = relative_at(dist, mean, side=-1)
+    for side, key in ((1, "relative"), (-1, "relative_right")) if two_sided else ((1, "relative"),):
+        result[key] = relative_at(dist, mean, side=side)
+        result[key + "_stderr"] = relative_stderr_at(dist, curves, side=side)
     heat = sensitivity.gradient_sensitivity(graphdef, params, windows[:HEATMAP_SEQUENCES], mask_id=mask_id)
     result["heatmap_shape"] = list(heat.shape)
     if out_dir:
         np.save(os.path.join(out_dir, "sensitivity_map.npy"), heat)
     return result, heat
+
+
+def relative_stderr_at(distances, curves, *, side: int = 1) -> dict:
+    """{d: jackknife standard error over sequences of S(d)/S(1)} at the distances `relative_at` reports;
+    curves: [N, K], each sequence's S by distance."""
+    distances = np.asarray(distances)
+    if not np.any(distances == side) or curves.mean(axis=0)[distances == side][0] <= 0:
+        return {}
+    err = sensitivity.ratio_stderr(curves, int(np.flatnonzero(distances == side)[0]))
+    return {str(d): float(err[distances == side * d][0]) for d in REPORT_DISTANCES if np.any(distances == side * d)}
 
 
 def relative_at(distances, mean, *, side: int = 1) -> dict:
@@ -246,12 +260,16 @@ def run_report(results: dict, images) -> str:
              f"Model **{results['model']}** ({results['kind']}), step {results['step']}, data {results['data_source']}, "
              f"seq_len {results['seq_len']}.", "",
              f"## Gradient sensitivity ({s['num_sequences']} sequences, {len(s['target_positions'])} target positions)",
-             "", "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),
+             "", "± is the jackknife standard error over the sequences.", "", "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),
              "|---|---|" + ("---|" if "relative_right" in s else "")]
-    for d, v in s["relative"].items():
-        right = s.get("relative_right", {}).get(d)
-        lines.append(f"| {d} | {v:.3g} |" + (f" {right:.3g} |" if "relative_right" in s and right is not None else
-                                              (" |" if "relative_right" in s else "")))
+
+    def cell(key: str, d: str) -> str:   # the ratio ± its jackknife error over sequences (where recorded)
+        value, err = s.get(key, {}).get(d), s.get(key + "_stderr", {}).get(d)
+        return "" if value is None else f"{value:.3g}" + ("" if err is None else f" ± {err:.2g}")
+
+    for d in s["relative"]:
+        lines.append(f"| {d} | {cell('relative', d)} |" + (f" {cell('relative_right', d)} |"
+                                                          if "relative_right" in s else ""))
     lines += ["", f"## Context ablation ({ab['num_windows']} windows; effective context = smallest d within "
               f"{100 * ab['tolerance']:g}% of the best loss)", "",
               "| mode | effective context | " + " | ".join(f"d={d}" for d in ab["grid"]) + " |",

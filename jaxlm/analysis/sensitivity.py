@@ -79,14 +79,14 @@ def _position_scores(out, tokens, positions, kind: str, direction: str):
 
 
 def _norms(grad, row_weight):
-    """grad [B, L, d] -> sum over the (weighted) rows of ||grad[b, t]||_2: [L] float32."""
+    """grad [B, L, d] -> ||grad[b, t]||_2 per row, padding rows (weight 0) zeroed: [B, L] float32."""
     norms = jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32)), axis=-1))
-    return jnp.einsum("bl,b->l", norms, row_weight)
+    return norms * row_weight[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kind", "direction", "chunk"))
 def _single_pass_sums(graphdef, params, tokens, positions, row_weight, *, kind, direction, chunk):
-    """Causal / bidirectional: one forward pass, one VJP per target position. -> [P, L] summed over rows."""
+    """Causal / bidirectional: one forward pass, one VJP per target position. -> [P, B, L] per row."""
     x = nnx.merge(graphdef, params).embed(tokens)
 
     def scores(x):
@@ -104,7 +104,7 @@ def _single_pass_sums(graphdef, params, tokens, positions, row_weight, *, kind, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mask_id", "chunk"))
 def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, chunk):
-    """Masked LM: per target position, mask it, forward, backward. -> [P, L] summed over rows."""
+    """Masked LM: per target position, mask it, forward, backward. -> [P, B, L] per row."""
     def one(p):
         target = jnp.take(tokens, p, axis=1)
         x = nnx.merge(graphdef, params).embed(tokens.at[:, p].set(mask_id))
@@ -121,7 +121,7 @@ def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, ch
 
 def gradient_sensitivity(graphdef, params, tokens, *, target_positions=None, objective: str | None = None,
                          mask_id: int | None = None, direction: str = "both", batch_size: int = 32,
-                         target_chunk: int = 16) -> np.ndarray:
+                         target_chunk: int = 16, per_sequence: bool = False) -> np.ndarray:
     """S[i, t] = mean over sequences of ||d score(target_positions[i]) / d e_t||, see the module table.
 
     Args:
@@ -134,8 +134,9 @@ def gradient_sensitivity(graphdef, params, tokens, *, target_positions=None, obj
       direction: bidirectional models only: "both" (the ELMo joint log-likelihood), "forward", "backward".
       batch_size: sequences per device call; target_chunk: target positions vmapped together (memory knob:
         a call holds target_chunk x batch_size x L x d gradient floats).
+      per_sequence: return every sequence's own S instead of their mean (for error bars over sequences).
     Returns:
-      float64 [len(target_positions), L].
+      float64 [len(target_positions), L] (per_sequence: [B, len(target_positions), L]).
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
@@ -154,15 +155,18 @@ def gradient_sensitivity(graphdef, params, tokens, *, target_positions=None, obj
     else:
         fn = functools.partial(_single_pass_sums, graphdef, kind=kind, direction=direction, chunk=target_chunk)
     batch_size = min(batch_size, num)
-    total = np.zeros((len(positions), length), np.float64)
+    parts = []
     for start in range(0, num, batch_size):
         rows = tokens[start:start + batch_size]
+        real = len(rows)
         weight = np.ones(batch_size, np.float32)
-        if len(rows) < batch_size:  # pad the last call to the same shape (no recompilation), weight 0
-            weight[len(rows):] = 0.0
-            rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - len(rows), axis=0)])
-        total += np.asarray(fn(params, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(weight)))
-    return total / num
+        if real < batch_size:  # pad the last call to the same shape (no recompilation), weight 0
+            weight[real:] = 0.0
+            rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - real, axis=0)])
+        per_row = fn(params, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(weight))   # [P, B, L]
+        parts.append(np.asarray(per_row, np.float64)[:, :real].transpose(1, 0, 2))
+    each = np.concatenate(parts)
+    return each if per_sequence else each.mean(axis=0)
 
 
 def sensitivity_by_distance(sensitivity, *, target_positions=None, bidirectional: bool = False):
@@ -186,6 +190,22 @@ def sensitivity_by_distance(sensitivity, *, target_positions=None, bidirectional
     mean = np.bincount(index, weights=v) / count
     var = np.maximum(np.bincount(index, weights=v * v) / count - mean**2, 0.0)
     return distances, mean, np.sqrt(var)
+
+
+def ratio_stderr(per_sequence: np.ndarray, reference: int) -> np.ndarray:
+    """Jackknife standard error over sequences of mean(a[:, k]) / mean(a[:, reference]), for each column k.
+
+    per_sequence: [N, K], one row per sequence (e.g. each sequence's S by distance); N >= 2.  Leaving one
+    sequence out at a time gives N ratios R_i; the error is sqrt((N - 1) / N * sum (R_i - mean R_i)^2)
+    (Efron & Stein 1981), which needs no assumption about how a ratio of means is distributed.
+    """
+    a = np.asarray(per_sequence, np.float64)
+    n = a.shape[0]
+    if n < 2:
+        return np.zeros(a.shape[1])
+    rest = (a.sum(axis=0, keepdims=True) - a) / (n - 1)          # [N, K]: means without sequence i
+    ratios = rest / rest[:, reference:reference + 1]
+    return np.sqrt((n - 1) / n * np.sum((ratios - ratios.mean(axis=0)) ** 2, axis=0))
 
 
 def relative_sensitivity(distances, mean, *, reference: int = 1) -> np.ndarray:

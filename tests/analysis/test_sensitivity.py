@@ -33,22 +33,23 @@ class LinearRNN(nnx.Module):
         return jnp.swapaxes(hs, 0, 1) @ self.out[...], None
 
 
-def closed_form(model, tokens):
-    """float64 NumPy: S[T, t] = |w|^(T - t) mean_b ||U (onehot(x_{T+1}) - softmax(h_T U))|| for t <= T."""
+def closed_form(model, tokens, *, per_sequence=False):
+    """float64 NumPy: S[T, t] = |w|^(T - t) mean_b ||U (onehot(x_{T+1}) - softmax(h_T U))|| for t <= T
+    (per_sequence: [B, T, t] without the mean over b)."""
     emb, out, w = np.asarray(model.embedding[...], np.float64), np.asarray(model.out[...], np.float64), model.w
     e = emb[tokens]                                        # [B, L, d]
     b, length, _ = e.shape
-    s = np.zeros((length - 1, length))
+    s = np.zeros((b, length - 1, length))
     for big_t in range(length - 1):
         h = sum(w ** (big_t - t) * e[:, t] for t in range(big_t + 1))
         z = h @ out
         p = np.exp(z - z.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         g = (np.eye(VOCAB)[tokens[:, big_t + 1]] - p) @ out.T  # d log p / d h_T, [B, d]
-        gnorm = np.linalg.norm(g, axis=-1).mean()
+        gnorm = np.linalg.norm(g, axis=-1)                 # [B]
         for t in range(big_t + 1):
-            s[big_t, t] = abs(w) ** (big_t - t) * gnorm
-    return s
+            s[:, big_t, t] = abs(w) ** (big_t - t) * gnorm
+    return s if per_sequence else s.mean(axis=0)
 
 
 def tokens(batch=5, length=LENGTH, seed=0):
@@ -67,6 +68,39 @@ def test_linear_rnn_matches_closed_form(w):
     ratio = sensitivity.relative_sensitivity(d, mean, reference=1)
     np.testing.assert_allclose(ratio[d == 3], abs(w) ** 2, rtol=2e-5)
 
+
+def test_per_sequence_sensitivity_matches_the_closed_form_of_each_sequence():
+    model = LinearRNN(0.8, rngs=nnx.Rngs(params=1))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = tokens(batch=7, seed=2)
+    each = sensitivity.gradient_sensitivity(graphdef, params, x, batch_size=3, per_sequence=True)   # padded
+    assert each.shape == (7, LENGTH - 1, LENGTH)
+    np.testing.assert_allclose(each, closed_form(model, x, per_sequence=True), rtol=2e-5, atol=1e-7)
+
+
+def test_ratio_stderr_is_the_leave_one_out_jackknife():
+    a = np.random.default_rng(0).gamma(2.0, 1.0, (30, 4))
+    loo = np.array([np.delete(a, i, axis=0).mean(0) / np.delete(a, i, axis=0).mean(0)[1] for i in range(30)])
+    reference = np.sqrt(29 / 30 * ((loo - loo.mean(0)) ** 2).sum(0))   # Efron & Stein, written out
+    np.testing.assert_allclose(sensitivity.ratio_stderr(a, 1), reference, rtol=1e-12)
+    assert sensitivity.ratio_stderr(a, 1)[1] == 0.0
+    proportional = np.outer(a[:, 0], [1.0, 2.0, 0.5, 3.0])                 # every sequence the same shape
+    np.testing.assert_allclose(sensitivity.ratio_stderr(proportional, 0), 0.0, atol=1e-12)
+
+
+def test_the_analysis_reports_its_ratios_with_their_error_over_sequences():
+    from jaxlm.analysis import hooks
+    model = LinearRNN(0.6, rngs=nnx.Rngs(params=0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    x = tokens(batch=9, seed=4)
+    result, _ = hooks.run_sensitivity(graphdef, params, x, objective="causal_lm", mask_id=None, out_dir=None)
+    each = closed_form(model, x, per_sequence=True)[:, result["target_positions"]]
+    curves = np.stack([sensitivity.sensitivity_by_distance(e, target_positions=result["target_positions"])[1]
+                       for e in each])
+    expected = sensitivity.ratio_stderr(curves, 1)
+    for d in ("2", "4", "8"):
+        np.testing.assert_allclose(result["relative_stderr"][d], expected[int(d)], rtol=1e-3)
+    assert result["relative_stderr"]["1"] == 0.0 and result["relative_stderr"]["2"] > 0.0
 
 def model_cfg(name):
     c = config_lib.default_config().model
