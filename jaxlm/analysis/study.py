@@ -196,8 +196,9 @@ def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -
     sens = analysis["sensitivity"]
     return {"params": analysis["params"], "eval_loss": metrics["eval/loss"],
             "effective_context": analysis["ablation"]["effective_context"],
-            "sensitivity": {"distances": sens["distances"], "mean": sens["mean"], "relative": sens["relative"],
-                            **({"relative_right": sens["relative_right"]} if "relative_right" in sens else {})},
+            "sensitivity": {"distances": sens["distances"], "mean": sens["mean"],
+                            **{k: sens[k] for k in ("relative", "relative_stderr", "relative_right",
+                                                    "relative_right_stderr") if k in sens}},
             "ablation": analysis["ablation"]["losses"], "ablation_grid": analysis["ablation"]["grid"],
             "train_seconds": round(trained_s, 1), "analysis_seconds": analysis["seconds"]}
 

@@ -43,6 +43,8 @@ def summarize(results: dict, config) -> dict:
             if key in runs[0]["sensitivity"]:
                 row[f"sensitivity_{key}"] = {d: _mean_std([r["sensitivity"][key].get(d, np.nan) for r in runs])
                                              for d in runs[0]["sensitivity"][key]}
+                if len(runs) == 1:   # one seed: its own error over sequences (analysis' jackknife), where recorded
+                    row[f"sensitivity_{key}_stderr"] = runs[0]["sensitivity"].get(f"{key}_stderr", {})
         dist = np.asarray(runs[0]["sensitivity"]["distances"])
         means = np.asarray([r["sensitivity"]["mean"] for r in runs], float)
         row["sensitivity_curve"] = {"distances": dist.tolist(), "mean": means.mean(0).tolist(),
@@ -342,15 +344,23 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
     lines = ["## Character LM on the built-in corpus", "",
              f"{s['lm_steps']} steps, batch {s['lm_batch_size']}, windows of {s['lm_seq_len']} characters; "
              f"sensitivity on {s['num_sequences']} validation windows, ablation on {s['num_windows']} windows; "
-             f"effective context at {100 * out['tolerance']:g}% of the best loss over d.", "",
+             f"effective context at {100 * out['tolerance']:g}% of the best loss over d. S(d)/S(1): ± is the "
+             "standard deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
+             "",
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
              + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
              "|---|---|---|---|" + "---|" * (len(modes) + len(ds))]
+    def ratio(r: dict, d: int) -> str:
+        mean_std = r.get("sensitivity_relative", {}).get(str(d))
+        if mean_std is None:
+            return ""
+        err = mean_std[1] if r["seeds"] > 1 else r.get("sensitivity_relative_stderr", {}).get(str(d))
+        return f"{mean_std[0]:.2g}" + ("" if err is None else f" ± {err:.1g}")
+
     for v, r in lm.items():
-        rel = r.get("sensitivity_relative", {})
         lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'])} | "
                      + " | ".join(_pm(r["effective_context"][m], 0) for m in modes) + " | "
-                     + " | ".join(f"{rel[str(d)][0]:.2g}" if str(d) in rel else "" for d in ds) + " |")
+                     + " | ".join(ratio(r, d) for d in ds) + " |")
     lines += ["", "![sensitivity](sensitivity.png)", ""]
     lines += [f"![ablation {m}](ablation_{m}.png)" for m in modes]
     lines += ["", "Per-run analyses (inputs x outputs sensitivity maps, attention maps and offline head views): "

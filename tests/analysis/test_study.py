@@ -220,3 +220,20 @@ def test_run_configs_do_not_depend_on_other_study_keys():
         assert (study.lm_config(small, small.study, variant, 0).to_dict()
                 == study.lm_config(larger, larger.study, variant, 0).to_dict())
     assert "study" not in study.lm_config(small, small.study, "gpt", 0)
+
+
+def test_lm_table_gives_the_spread_over_seeds_or_one_seeds_own_error():
+    """S(d)/S(1) cells: mean ± std over seeds; a single seed shows its jackknife error over sequences instead
+    (a run recorded before that error existed shows the value alone)."""
+    def row(seeds, rel16, stderr=None):
+        r = {"params": 1, "seeds": seeds, "eval_loss": [1.5, 0.1], "effective_context": {"drop": [16, 0]},
+             "sensitivity_relative": {"1": [1.0, 0.0], "16": rel16}}
+        if stderr is not None:
+            r["sensitivity_relative_stderr"] = {"1": 0.0, "16": stderr}
+        return r
+    lm = {"rnn": row(1, [0.0451, 0.0], 0.0029), "gpt": row(3, [0.045, 0.006]), "lstm": row(1, [0.0055, 0.0])}
+    s = {"lm_steps": 1, "lm_batch_size": 1, "lm_seq_len": 64, "num_sequences": 8, "num_windows": 8}
+    out = {"tolerance": 0.05, "runs": {"lm": {v: {} for v in lm}}}
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+             for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
+    assert cells == {"rnn": "0.045 ± 0.003", "gpt": "0.045 ± 0.006", "lstm": "0.0055"}
