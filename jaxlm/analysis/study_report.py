@@ -17,6 +17,7 @@ THRESHOLDS = {
     "near_chance": 0.1,       # accuracy within this of chance counts as "fails"
     "vanished": 1e-2,         # S(D)/S(1) below this: the gradient signal has vanished at distance D
     "margin": 0.2,            # accuracy gap that counts as "better"
+    "sigmas": 2.0,            # a sensitivity ratio counts as larger only by more than this many standard errors
 }
 LONG_LAG = 100               # the time lags Hochreiter & Schmidhuber's "long" claims are about
 SENSITIVITY_PROBE = 64        # the distance D at which sensitivity ratios are compared (or the largest below)
@@ -111,6 +112,15 @@ def _rel(lm, variant, d):
     return lm[variant]["sensitivity_relative"][str(d)][0]
 
 
+def _rel_err(lm, variant, d) -> float | None:
+    """Standard error of `_rel`: over seeds (std / sqrt(seeds)), or for one seed its jackknife error over
+    sequences; None where a run recorded neither (runs analysed before the error was recorded)."""
+    row = lm[variant]
+    if row["seeds"] > 1:
+        return row["sensitivity_relative"][str(d)][1] / np.sqrt(row["seeds"])
+    return row.get("sensitivity_relative_stderr", {}).get(str(d))
+
+
 def _g(x: float) -> str:
     """2 significant digits; an exact 0 is a float32 underflow of a vanished gradient, said so."""
     return "0 (float32 underflow)" if x == 0 else f"{x:.2g}"
@@ -168,11 +178,25 @@ def _lstm_sensitivity(summary):
     if "rnn" not in lm or not lstms or d is None:
         return _not_measured("lstm_sensitivity", cite, lit, "both an RNN and an LSTM language model")
     r = _rel(lm, "rnn", d)
-    parts = [f"S({d})/S(1): RNN {_g(r)}"] + [f"{v} {_g(_rel(lm, v, d))}" for v in lstms]
-    better = [v for v in lstms if _rel(lm, v, d) > r]
+
+    def shown(v):   # the ratio ± its standard error, where one was recorded
+        err = _rel_err(lm, v, d)
+        return _g(_rel(lm, v, d)) + ("" if err is None else f" ± {err:.1g}")
+
+    def clearly_above(v):   # by more than THRESHOLDS["sigmas"] combined standard errors, where both have one
+        errors = (_rel_err(lm, v, d), _rel_err(lm, "rnn", d))
+        margin = 0.0 if None in errors else THRESHOLDS["sigmas"] * float(np.hypot(*errors))
+        return _rel(lm, v, d) - r > margin
+
+    parts = [f"S({d})/S(1): RNN {shown('rnn')}"] + [f"{v} {shown(v)}" for v in lstms]
+    better = [v for v in lstms if clearly_above(v)]
+    higher = [v for v in lstms if _rel(lm, v, d) > r]
     crossing = _crossing(lm, "rnn", lstms[0])
     text = ", ".join(parts) + (f". At short range the order can differ: {crossing}" if crossing else ".")
-    verdict = ("reproduced" if len(better) == len(lstms) else "partly reproduced" if better else "not reproduced")
+    text += (f" An LSTM counts as more sensitive than the RNN only by more than {THRESHOLDS['sigmas']:g} combined "
+             "standard errors (± above).")
+    verdict = ("reproduced" if len(better) == len(lstms) else "partly reproduced" if better else
+               "not established (within the error)" if higher else "not reproduced")
     return _finding("lstm_sensitivity", cite, lit, text, verdict)
 
 

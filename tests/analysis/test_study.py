@@ -237,3 +237,20 @@ def test_lm_table_gives_the_spread_over_seeds_or_one_seeds_own_error():
     cells = {line.split("|")[1].strip(): line.split("|")[-2].strip()
              for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
     assert cells == {"rnn": "0.045 ± 0.003", "gpt": "0.045 ± 0.006", "lstm": "0.0055"}
+
+
+@pytest.mark.parametrize("lstm, err, verdict", [(0.0075, 0.0006, "reproduced"),
+                                                (0.0055, 0.0006, "not established (within the error)"),
+                                                (0.0040, 0.0006, "not reproduced")])
+def test_lstm_sensitivity_counts_only_a_difference_beyond_the_error(lstm, err, verdict):
+    """The quick preset measured RNN 0.0045 +- 0.0003 against LSTM 0.0055 +- 0.0006 (one seed each): 1.5 standard
+    errors apart, which is not a difference the verdict may rest on."""
+    def lm(rel, stderr):
+        return {"params": 1, "seeds": 1, "eval_loss": [1.5, 0.0], "effective_context": {"drop": [16, 0]},
+                "sensitivity_relative": {"1": [1.0, 0.0], "32": [rel, 0.0]},
+                "sensitivity_relative_stderr": {"1": 0.0, "32": stderr}}
+    summary = {"lm": {"rnn": lm(0.0045, 0.0003), "lstm": lm(lstm, err)}, "recall": {}}
+    found = {f["key"]: f for f in study_report.findings(summary, {"chance": 0.125, "tolerance": 0.01,
+                                                                   "config": {"lm_seq_len": 64}})}
+    assert found["lstm_sensitivity"]["verdict"] == verdict
+    assert f"lstm {lstm:.2g} ± {err:.1g}" in found["lstm_sensitivity"]["this_run"]
