@@ -121,6 +121,20 @@ def _rel_err(lm, variant, d) -> float | None:
     return row.get("sensitivity_relative_stderr", {}).get(str(d))
 
 
+def _shown(lm, variant, d) -> str:
+    """S(d)/S(1) with its standard error, where one was recorded."""
+    err = _rel_err(lm, variant, d)
+    return _g(_rel(lm, variant, d)) + ("" if err is None else f" ± {err:.1g}")
+
+
+def _clearly_larger(lm, a, b, d) -> bool:
+    """S(d)/S(1) of a exceeds b's by more than THRESHOLDS["sigmas"] combined standard errors (by any amount
+    where either lacks an error)."""
+    errors = (_rel_err(lm, a, d), _rel_err(lm, b, d))
+    margin = 0.0 if None in errors else THRESHOLDS["sigmas"] * float(np.hypot(*errors))
+    return _rel(lm, a, d) - _rel(lm, b, d) > margin
+
+
 def _g(x: float) -> str:
     """2 significant digits; an exact 0 is a float32 underflow of a vanished gradient, said so."""
     return "0 (float32 underflow)" if x == 0 else f"{x:.2g}"
@@ -157,15 +171,15 @@ def _vanishing(summary):
     if "rnn" not in lm or d is None:
         return _not_measured("vanishing_gradients", cite, lit, "an RNN language model")
     r = _rel(lm, "rnn", d)
-    text = f"RNN char LM: S({d})/S(1) = {_g(r)} (mean over {lm['rnn']['seeds']} seed(s))"
+    text = f"RNN char LM: S({d})/S(1) = {_shown(lm, 'rnn', d)} (mean over {lm['rnn']['seeds']} seed(s))"
     verdict = "reproduced" if r < THRESHOLDS["vanished"] else "not reproduced"
     if "gpt" in lm:
-        g = _rel(lm, "gpt", d)
-        text += f"; GPT: {_g(g)}"
-        if verdict == "reproduced" and not r < g:
+        text += f"; GPT: {_shown(lm, 'gpt', d)}"
+        if verdict == "reproduced" and not _clearly_larger(lm, "gpt", "rnn", d):
             verdict = "partly reproduced"
     text += (f". Threshold: the signal counts as vanished when S({d})/S(1) < {THRESHOLDS['vanished']:g}"
-             + (" and it decays faster than in the transformer." if "gpt" in lm else "."))
+             + (f" and it decays faster than in the transformer (by more than {THRESHOLDS['sigmas']:g} combined "
+                "standard errors, where recorded)." if "gpt" in lm else "."))
     return _finding("vanishing_gradients", cite, lit, text, verdict)
 
 
@@ -178,23 +192,13 @@ def _lstm_sensitivity(summary):
     if "rnn" not in lm or not lstms or d is None:
         return _not_measured("lstm_sensitivity", cite, lit, "both an RNN and an LSTM language model")
     r = _rel(lm, "rnn", d)
-
-    def shown(v):   # the ratio ± its standard error, where one was recorded
-        err = _rel_err(lm, v, d)
-        return _g(_rel(lm, v, d)) + ("" if err is None else f" ± {err:.1g}")
-
-    def clearly_above(v):   # by more than THRESHOLDS["sigmas"] combined standard errors, where both have one
-        errors = (_rel_err(lm, v, d), _rel_err(lm, "rnn", d))
-        margin = 0.0 if None in errors else THRESHOLDS["sigmas"] * float(np.hypot(*errors))
-        return _rel(lm, v, d) - r > margin
-
-    parts = [f"S({d})/S(1): RNN {shown('rnn')}"] + [f"{v} {shown(v)}" for v in lstms]
-    better = [v for v in lstms if clearly_above(v)]
+    parts = [f"S({d})/S(1): RNN {_shown(lm, 'rnn', d)}"] + [f"{v} {_shown(lm, v, d)}" for v in lstms]
+    better = [v for v in lstms if _clearly_larger(lm, v, "rnn", d)]
     higher = [v for v in lstms if _rel(lm, v, d) > r]
     crossing = _crossing(lm, "rnn", lstms[0])
     text = ", ".join(parts) + (f". At short range the order can differ: {crossing}" if crossing else ".")
     text += (f" An LSTM counts as more sensitive than the RNN only by more than {THRESHOLDS['sigmas']:g} combined "
-             "standard errors (± above).")
+             "standard errors (the ± here: of the mean over seeds, or one seed's jackknife error over sequences).")
     verdict = ("reproduced" if len(better) == len(lstms) else "partly reproduced" if better else
                "not established (within the error)" if higher else "not reproduced")
     return _finding("lstm_sensitivity", cite, lit, text, verdict)
@@ -319,10 +323,10 @@ def _transformer(summary):
         verdict = "reproduced" if rec["gpt"]["accuracy"][str(hi)][0] >= THRESHOLDS["solved"] else "not reproduced"
     d = _probe_distance(lm)
     if "gpt" in lm and d is not None:
-        rec_rels = {v: _rel(lm, v, d) for v in lm if v in RECURRENT}
-        parts.append(f"char-LM S({d})/S(1): GPT {_g(_rel(lm, 'gpt', d))}" +
-                     "".join(f", {v} {_g(r)}" for v, r in rec_rels.items()))
-        flatter = all(_rel(lm, "gpt", d) > r for r in rec_rels.values())
+        recurrent = [v for v in lm if v in RECURRENT]
+        parts.append(f"char-LM S({d})/S(1): GPT {_shown(lm, 'gpt', d)}" +
+                     "".join(f", {v} {_shown(lm, v, d)}" for v in recurrent))
+        flatter = all(_clearly_larger(lm, "gpt", v, d) for v in recurrent)
         if verdict == "reproduced" and not flatter:
             verdict = "partly reproduced"
         elif verdict == "not measured":

@@ -254,3 +254,18 @@ def test_lstm_sensitivity_counts_only_a_difference_beyond_the_error(lstm, err, v
                                                                    "config": {"lm_seq_len": 64}})}
     assert found["lstm_sensitivity"]["verdict"] == verdict
     assert f"lstm {lstm:.2g} ± {err:.1g}" in found["lstm_sensitivity"]["this_run"]
+
+
+def test_gpt_must_clearly_keep_more_distant_sensitivity_than_the_recurrent_models():
+    """The vanishing-gradient and constant-path verdicts compare GPT with the recurrent models beyond the error
+    as well: a GPT whose S(32)/S(1) the RNN's matches within the error does not count as flatter."""
+    def lm(rel, stderr):
+        return {"params": 1, "seeds": 1, "eval_loss": [1.5, 0.0], "effective_context": {"drop": [16, 0]},
+                "sensitivity_relative": {"1": [1.0, 0.0], "32": [rel, 0.0]},
+                "sensitivity_relative_stderr": {"1": 0.0, "32": stderr}}
+    out = {"chance": 0.125, "tolerance": 0.01, "config": {"lm_seq_len": 64}}
+    for gpt, vanishing, constant_path in [(0.045, "reproduced", "reproduced"),
+                                          (0.0052, "partly reproduced", "not reproduced")]:
+        summary = {"lm": {"rnn": lm(0.0045, 0.0003), "gpt": lm(gpt, 0.0004)}, "recall": {}}
+        found = {f["key"]: f["verdict"] for f in study_report.findings(summary, out)}
+        assert (found["vanishing_gradients"], found["transformer_constant_path"]) == (vanishing, constant_path), gpt
