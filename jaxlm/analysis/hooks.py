@@ -260,7 +260,8 @@ def run_report(results: dict, images) -> str:
              f"Model **{results['model']}** ({results['kind']}), step {results['step']}, data {results['data_source']}, "
              f"seq_len {results['seq_len']}.", "",
              f"## Gradient sensitivity ({s['num_sequences']} sequences, {len(s['target_positions'])} target positions)",
-             "", "± is the jackknife standard error over the sequences.", "", "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),
+             "", "± is the jackknife standard error over the sequences.", "",
+             "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),
              "|---|---|" + ("---|" if "relative_right" in s else "")]
 
     def cell(key: str, d: str) -> str:   # the ratio ± its jackknife error over sequences (where recorded)

@@ -378,6 +378,7 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
              + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
              "|---|---|---|---|" + "---|" * (len(modes) + len(ds))]
+
     def ratio(r: dict, d: int) -> str:
         mean_std = r.get("sensitivity_relative", {}).get(str(d))
         if mean_std is None:
