@@ -78,15 +78,17 @@ def _position_scores(out, tokens, positions, kind: str, direction: str):
     return score
 
 
-def _norms(grad, row_weight):
-    """grad [B, L, d] -> ||grad[b, t]||_2 per row, padding rows (weight 0) zeroed: [B, L] float32."""
+def _norms(grad, row_weight, per_row: bool):
+    """grad [B, L, d] -> ||grad[b, t]||_2 with padding rows (weight 0) zeroed: per row [B, L], or summed over
+    the rows [L] (float32)."""
     norms = jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32)), axis=-1))
-    return norms * row_weight[:, None]
+    return norms * row_weight[:, None] if per_row else jnp.einsum("bl,b->l", norms, row_weight)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "direction", "chunk"))
-def _single_pass_sums(graphdef, params, tokens, positions, row_weight, *, kind, direction, chunk):
-    """Causal / bidirectional: one forward pass, one VJP per target position. -> [P, B, L] per row."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "direction", "chunk", "per_row"))
+def _single_pass_sums(graphdef, params, tokens, positions, row_weight, *, kind, direction, chunk, per_row):
+    """Causal / bidirectional: one forward pass, one VJP per target position. -> [P, L] summed over the rows
+    (per_row: [P, B, L])."""
     x = nnx.merge(graphdef, params).embed(tokens)
 
     def scores(x):
@@ -97,14 +99,15 @@ def _single_pass_sums(graphdef, params, tokens, positions, row_weight, *, kind, 
 
     def one(i):
         (grad,) = vjp(jnp.zeros_like(s).at[:, i].set(1.0))
-        return _norms(grad, row_weight)
+        return _norms(grad, row_weight, per_row)
 
     return jax.lax.map(one, jnp.arange(positions.shape[0]), batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mask_id", "chunk"))
-def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, chunk):
-    """Masked LM: per target position, mask it, forward, backward. -> [P, B, L] per row."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mask_id", "chunk", "per_row"))
+def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, chunk, per_row):
+    """Masked LM: per target position, mask it, forward, backward. -> [P, L] summed over the rows
+    (per_row: [P, B, L])."""
     def one(p):
         target = jnp.take(tokens, p, axis=1)
         x = nnx.merge(graphdef, params).embed(tokens.at[:, p].set(mask_id))
@@ -114,7 +117,7 @@ def _masked_sums(graphdef, params, tokens, positions, row_weight, *, mask_id, ch
             logits = apply.logits_from_embeddings(nnx.merge(graphdef, params), x, at_p)
             return jnp.sum(_gather_logp(logits, jnp.zeros((1,), jnp.int32), target[:, None])[:, 0])
 
-        return _norms(jax.grad(score)(x), row_weight)
+        return _norms(jax.grad(score)(x), row_weight, per_row)
 
     return jax.lax.map(one, positions, batch_size=chunk)
 
@@ -151,11 +154,13 @@ def gradient_sensitivity(graphdef, params, tokens, *, target_positions=None, obj
                  else np.asarray(target_positions, np.int32).reshape(-1))
     _check_positions(positions, kind, length, direction)
     if kind == "masked":
-        fn = functools.partial(_masked_sums, graphdef, mask_id=int(mask_id), chunk=target_chunk)
+        fn = functools.partial(_masked_sums, graphdef, mask_id=int(mask_id), chunk=target_chunk,
+                               per_row=per_sequence)
     else:
-        fn = functools.partial(_single_pass_sums, graphdef, kind=kind, direction=direction, chunk=target_chunk)
+        fn = functools.partial(_single_pass_sums, graphdef, kind=kind, direction=direction, chunk=target_chunk,
+                               per_row=per_sequence)
     batch_size = min(batch_size, num)
-    parts = []
+    total, each = np.zeros((len(positions), length), np.float64), []
     for start in range(0, num, batch_size):
         rows = tokens[start:start + batch_size]
         real = len(rows)
@@ -163,10 +168,12 @@ def gradient_sensitivity(graphdef, params, tokens, *, target_positions=None, obj
         if real < batch_size:  # pad the last call to the same shape (no recompilation), weight 0
             weight[real:] = 0.0
             rows = np.concatenate([rows, np.repeat(rows[:1], batch_size - real, axis=0)])
-        per_row = fn(params, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(weight))   # [P, B, L]
-        parts.append(np.asarray(per_row, np.float64)[:, :real].transpose(1, 0, 2))
-    each = np.concatenate(parts)
-    return each if per_sequence else each.mean(axis=0)
+        out = np.asarray(fn(params, jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(weight)), np.float64)
+        if per_sequence:   # [P, B, L]: the real rows, sequence-major
+            each.append(out[:, :real].transpose(1, 0, 2))
+        else:
+            total += out
+    return np.concatenate(each) if per_sequence else total / num
 
 
 def sensitivity_by_distance(sensitivity, *, target_positions=None, bidirectional: bool = False):
