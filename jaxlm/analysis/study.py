@@ -65,7 +65,7 @@ SIZES = {
 }
 TASKS = ("lm", "recall")
 RESULT_FIELDS = {
-    "lm": ("params", "eval_loss", "effective_context", "sensitivity", "ablation"),
+    "lm": ("params", "eval_loss", "effective_context", "sensitivity", "ablation", "ablation_increase"),
     "recall": ("params", "eval_loss", "accuracy", "stderr", "distance", "steps_trained"),
 }
 MARKER = "study_run.json"
@@ -200,6 +200,7 @@ def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -
                             **{k: sens[k] for k in ("relative", "relative_stderr", "relative_right",
                                                     "relative_right_stderr") if k in sens}},
             "ablation": analysis["ablation"]["losses"], "ablation_grid": analysis["ablation"]["grid"],
+            "ablation_increase": analysis["ablation"]["increase"],   # paired over windows: hooks.run_ablation
             "train_seconds": round(trained_s, 1), "analysis_seconds": analysis["seconds"]}
 
 

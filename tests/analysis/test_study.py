@@ -67,6 +67,7 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
             for mode in modes:
                 assert 1 <= run["effective_context"][mode] <= s.lm_seq_len
                 assert set(run["ablation"][mode]) == {str(d) for d in run["ablation_grid"]}
+                assert run["ablation_increase"][mode][str(run["ablation_grid"][-1])] == [0.0, 0.0]   # full context
             assert run["sensitivity"]["relative"]["1"] == pytest.approx(1.0)
             assert len(run["sensitivity"]["distances"]) == len(run["sensitivity"]["mean"])
             assert os.path.isfile(os.path.join(workdir, run["workdir"], "analysis", "results.json"))
