@@ -347,8 +347,9 @@ def report(out: dict, images) -> str:
     s, summary = out["config"], out["summary"]
     lines = ["# The long-range study", "",
              "How RNNs, LSTMs, ELMo, GPT and BERT use distant context, at matched parameter counts "
-             f"(size preset `{s['size']}`). Every number is a mean ± standard deviation over seeds; every verdict "
-             "below is computed from these numbers (thresholds in `jaxlm/analysis/study_report.py`).", "",
+             f"(size preset `{s['size']}`). Every number is a mean ± standard deviation over seeds (but a single "
+             "seed's S(d)/S(1), ± its jackknife error over sequences); every verdict below is computed from these "
+             "numbers (thresholds in `jaxlm/analysis/study_report.py`).", "",
              f"Time: the runs took {out['run_seconds']:.0f} s of wall-clock training and analysis when they were "
              f"trained; this invocation took {out['seconds']:.0f} s (runs found finished in the workdir are reused, "
              "not retrained).", ""]
