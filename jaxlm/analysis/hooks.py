@@ -236,6 +236,11 @@ def _figures(results: dict, heat: np.ndarray, out_dir: str) -> dict:
     curves = {mode: {int(d): tuple(v) for d, v in pts.items()} for mode, pts in results["ablation"]["losses"].items()}
     images["ablation"] = plots.ablation_curves(curves, title=f"{name}: context ablation",
                                                path=os.path.join(out_dir, "ablation.png"))
+    increase = {mode: {int(d): tuple(v) for d, v in pts.items()}
+                for mode, pts in results["ablation"]["increase"].items()}
+    images["ablation_increase"] = plots.ablation_curves(
+        increase, reference={"full context": 0.0}, title=f"{name}: loss increase over the full context",
+        ylabel="loss(d) - full-context loss, paired (nats)", path=os.path.join(out_dir, "ablation_increase.png"))
     return images
 
 

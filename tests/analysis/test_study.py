@@ -134,7 +134,7 @@ def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     jaxlm.run(config, workdir, "analyze")
     out = os.path.join(workdir, "analysis")
     for name in ("results.json", "report.md", "sensitivity.png", "sensitivity_heatmap.png", "ablation.png",
-                 "attention.png", "head_view.html"):
+                 "ablation_increase.png", "attention.png", "head_view.html"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
