@@ -183,6 +183,25 @@ def context_ablation(graphdef, params, windows, *, distances, mode: str = "drop"
         vocab_size=vocab_size, special_ids=special_ids, mask_id=mask_id, batch_size=batch_size, seed=seed))
 
 
+def effective_context_interval(losses: dict[int, np.ndarray], tolerance: float = 0.01, *, level: float = 0.9,
+                               resamples: int = 400, seed: int = 0) -> tuple[int, int]:
+    """The central `level` interval of :func:`effective_context` over bootstrap resamples of the windows.
+
+    losses: {d: per-window losses} (as from :func:`context_ablation_losses`).  Each resample draws N windows with
+    replacement, the same ones at every d (the pairing is kept), and recomputes the effective context; the
+    interval's ends are grid distances.  A wide interval means the windows cannot resolve the effective context.
+    """
+    ds = sorted(int(d) for d in losses)
+    table = np.stack([np.asarray(losses[d], np.float64) for d in ds])            # [K, N]
+    picks = np.random.default_rng(seed).integers(0, table.shape[1], (resamples, table.shape[1]))
+    means = np.stack([table[:, p].mean(axis=1) for p in picks], axis=1)           # [K, resamples]
+    within = means <= means.min(axis=0) * (1.0 + tolerance)
+    effective = np.asarray(ds)[np.argmax(within, axis=0)]                        # the first d within tolerance
+    tail = (1.0 - level) / 2
+    return (int(np.quantile(effective, tail, method="lower")),
+            int(np.quantile(effective, 1.0 - tail, method="higher")))
+
+
 def effective_context(results: dict, tolerance: float = 0.01) -> int:
     """Smallest d whose mean loss <= (1 + tolerance) * the best mean loss over ALL d in ``results``.
 

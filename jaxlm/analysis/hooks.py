@@ -129,10 +129,11 @@ def relative_at(distances, mean, *, side: int = 1) -> dict:
 def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: float, seed: int,
                  objective: str | None = None) -> dict:
     """{"grid", "losses": {mode: {d: [mean, stderr]}}, "increase": {mode: {d: [mean, paired stderr]}} (loss at d
-    minus the full-context loss, window by window), "effective_context": {mode: d}} over windows [N, L+1];
+    minus the full-context loss, window by window), "effective_context": {mode: d}, "effective_context_interval":
+    {mode: [lo, hi]} (its 90% bootstrap interval over the windows)} over windows [N, L+1];
     objective: the one the model was trained with (None: the model class's own)."""
     grid = context.distance_grid(windows.shape[1] - 1)
-    losses, increase, effective = {}, {}, {}
+    losses, increase, effective, interval = {}, {}, {}, {}
     for mode in modes:
         per_window = context.context_ablation_losses(graphdef, params, windows, distances=grid, mode=mode,
                                                      objective=objective, tokenizer=tokenizer, seed=seed)
@@ -140,8 +141,9 @@ def run_ablation(graphdef, params, windows, *, tokenizer, modes, tolerance: floa
         losses[mode] = {str(d): [m, e] for d, (m, e) in res.items()}
         increase[mode] = {str(d): [m, e] for d, (m, e) in context.paired_increase(per_window, grid[-1]).items()}
         effective[mode] = context.effective_context(res, tolerance)
+        interval[mode] = list(context.effective_context_interval(per_window, tolerance, seed=seed))
     return {"grid": grid, "losses": losses, "increase": increase, "effective_context": effective,
-            "tolerance": tolerance, "num_windows": int(len(windows)),
+            "effective_context_interval": interval, "tolerance": tolerance, "num_windows": int(len(windows)),
             "full_context_loss": losses[modes[0]][str(grid[-1])][0]}
 
 
@@ -277,12 +279,14 @@ def run_report(results: dict, images) -> str:
         lines.append(f"| {d} | {cell('relative', d)} |" + (f" {cell('relative_right', d)} |"
                                                           if "relative_right" in s else ""))
     lines += ["", f"## Context ablation ({ab['num_windows']} windows; effective context = smallest d within "
-              f"{100 * ab['tolerance']:g}% of the best loss)", "",
+              f"{100 * ab['tolerance']:g}% of the best loss, with its 90% bootstrap interval over the windows)", "",
               "| mode | effective context | " + " | ".join(f"d={d}" for d in ab["grid"]) + " |",
               "|---|---|" + "---|" * len(ab["grid"])]
     for mode, pts in ab["losses"].items():
         cells = " | ".join(f"{pts[str(d)][0]:.3f} ± {pts[str(d)][1]:.3f}" for d in ab["grid"])
-        lines.append(f"| {mode} | {ab['effective_context'][mode]} | {cells} |")
+        lo, hi = ab.get("effective_context_interval", {}).get(mode, (None, None))
+        span = "" if lo is None else f" ({lo}-{hi})"
+        lines.append(f"| {mode} | {ab['effective_context'][mode]}{span} | {cells} |")
     lines += ["", f"Loss at d minus the full-context loss (d={ab['grid'][-1]}), window by window: the mean and its "
               "paired standard error, the error to compare distances by (the ± above include how much the windows "
               "differ from each other).", "",

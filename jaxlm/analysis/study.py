@@ -196,6 +196,7 @@ def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -
     sens = analysis["sensitivity"]
     return {"params": analysis["params"], "eval_loss": metrics["eval/loss"],
             "effective_context": analysis["ablation"]["effective_context"],
+            "effective_context_interval": analysis["ablation"]["effective_context_interval"],   # 90% bootstrap
             "sensitivity": {"distances": sens["distances"], "mean": sens["mean"],
                             **{k: sens[k] for k in ("relative", "relative_stderr", "relative_right",
                                                     "relative_right_stderr") if k in sens}},

@@ -160,3 +160,21 @@ def test_ablation_reports_the_increase_over_full_context_with_its_paired_error()
                                                              "relative": {}}, "ablation": out}, [])
     mean, stderr = out["increase"]["drop"]["1"]
     assert f"| drop | {mean:+.3f} ± {stderr:.3f} |" in report
+
+
+def test_effective_context_interval_is_a_paired_bootstrap_of_the_same_rule():
+    rng = np.random.default_rng(1)
+    difficulty = rng.gamma(2.0, 1.0, 300)                     # shared by every d: the pairing must keep it
+    losses = {1: difficulty + 0.30, 2: difficulty + 0.08, 4: difficulty + 0.02, 8: difficulty, 16: difficulty}
+    for d in losses:
+        losses[d] = losses[d] + rng.normal(0.0, 0.05, 300)
+    lo, hi = context.effective_context_interval(losses, 0.01, level=0.9, resamples=200, seed=7)
+    # reference: the same draws, the rule of effective_context applied to each resample's means, written out
+    picks = np.random.default_rng(7).integers(0, 300, (200, 300))
+    effective = sorted(context.effective_context({d: float(v[p].mean()) for d, v in losses.items()}, 0.01)
+                       for p in picks)
+    assert (lo, hi) == (effective[int(np.floor(0.05 * 199))], effective[int(np.ceil(0.95 * 199))])
+    point = context.effective_context(context.summarize(losses), 0.01)
+    assert lo <= point <= hi and lo < hi                       # noise at the 1% tolerance: a genuine spread
+    exact = {d: difficulty + {1: 1.0, 2: 0.5, 4: 0.2, 8: 0.0, 16: 0.0}[d] for d in losses}   # 4: ~10% above
+    assert context.effective_context_interval(exact, 0.01) == (8, 8)   # no noise beyond the shared part

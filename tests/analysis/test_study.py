@@ -66,6 +66,8 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
             assert set(run["effective_context"]) == set(modes)
             for mode in modes:
                 assert 1 <= run["effective_context"][mode] <= s.lm_seq_len
+                lo, hi = run["effective_context_interval"][mode]
+                assert lo <= hi and {lo, hi} <= set(run["ablation_grid"])   # grid distances, in order
                 assert set(run["ablation"][mode]) == {str(d) for d in run["ablation_grid"]}
                 assert run["ablation_increase"][mode][str(run["ablation_grid"][-1])] == [0.0, 0.0]   # full context
             assert run["sensitivity"]["relative"]["1"] == pytest.approx(1.0)
