@@ -118,6 +118,11 @@ def _rel_err(lm, variant, d) -> float | None:
     row = lm[variant]
     if row["seeds"] > 1:
         return row["sensitivity_relative"][str(d)][1] / np.sqrt(row["seeds"])
+    return _single_seed_stderr(row, d)
+
+
+def _single_seed_stderr(row: dict, d) -> float | None:
+    """A one-seed row's S(d)/S(1) error: its run's jackknife error over sequences (None if not recorded)."""
     return row.get("sensitivity_relative_stderr", {}).get(str(d))
 
 
@@ -384,7 +389,7 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
         mean_std = r.get("sensitivity_relative", {}).get(str(d))
         if mean_std is None:
             return ""
-        err = mean_std[1] if r["seeds"] > 1 else r.get("sensitivity_relative_stderr", {}).get(str(d))
+        err = mean_std[1] if r["seeds"] > 1 else _single_seed_stderr(r, d)   # the table's ±: std over seeds
         return f"{mean_std[0]:.2g}" + ("" if err is None else f" ± {err:.1g}")
 
     for v, r in lm.items():
