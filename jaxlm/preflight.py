@@ -26,16 +26,17 @@ def check(config, workdir: str, mode: str) -> None:
 
 def check_run(workdir: str):
     """A trained run's workdir: it exists, its config.json and tokenizer read, and it holds a checkpoint step.
-    Returns the run's config (config_lib.load)."""
+    Returns (the run's config, its tokenizer), the tokenizer None for a synthetic task (its vocabulary needs
+    JAX to build)."""
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir!r} does not exist")
     config = config_lib.load(workdir)
-    if not config.data.source.startswith("synthetic:"):   # a synthetic task's vocabulary needs JAX to build
-        tokenizers.load_tokenizer(config.data, workdir)
+    synthetic = config.data.source.startswith("synthetic:")
+    tokenizer = None if synthetic else tokenizers.load_tokenizer(config.data, workdir)
     directory = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))):
         raise no_checkpoint(workdir)
-    return config
+    return config, tokenizer
 
 
 def no_checkpoint(workdir: str) -> UserError:

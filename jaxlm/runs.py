@@ -12,7 +12,7 @@ import os
 from flax import nnx
 
 from jaxlm import checkpoint, models, preflight
-from jaxlm.data import synthetic, tokenizers
+from jaxlm.data import synthetic
 from jaxlm.train import optim, state as state_lib
 
 
@@ -32,11 +32,9 @@ class TrainedRun:
 
 def load(workdir: str) -> TrainedRun:
     """The latest complete checkpoint of the run in `workdir`, with the config it was trained with."""
-    config = preflight.check_run(workdir)
-    if config.data.source.startswith("synthetic:"):   # the vocabulary is a function of the task alone
+    config, tokenizer = preflight.check_run(workdir)
+    if tokenizer is None:   # a synthetic task: the vocabulary is a function of the task alone
         tokenizer = synthetic.load_tokenizer(config.data, workdir)
-    else:
-        tokenizer = tokenizers.load_tokenizer(config.data, workdir)
     model = models.build_model(config.model, tokenizer.vocab_size, config.seed, abstract=True)   # values: restored
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optim.make_optimizer(config.optim, config.train.steps, flat=False)   # the per-leaf form checkpoints hold
