@@ -205,11 +205,18 @@ def main(argv) -> int:
     try:
         config_lib.validate(config)
         from jaxlm import preflight
-        preflight.check(config, workdir, mode)   # a wrong path fails now, not after ~5 s of importing JAX
+        failed_check = None
+        try:
+            preflight.check(config, workdir, mode)   # a wrong path fails now, not after ~5 s of importing JAX
+        except UserError as e:
+            if _COORDINATOR.value is None and not _DISTRIBUTED.value:
+                raise
+            failed_check = e   # a multi-process run: the other processes must learn of it (agree_on_checks)
         _import_flax_without_ipython()
         from jaxlm import parallel   # before anything touches the devices
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         auto=_DISTRIBUTED.value)
+        parallel.agree_on_checks(failed_check)
         if mode == "train":   # bench children configure their own; eval/sample/analyze keep the default device
             parallel.configure_cpu_devices(config)
         _configure_jax(_CACHE.value)

@@ -447,6 +447,28 @@ def start_peer_watchdog(*, interval: float = 2.0, timeout: float | None = None) 
     return thread
 
 
+def agree_on_checks(error: Exception | None, *, timeout_seconds: float = 120.0) -> None:
+    """Raise a UserError on every process of a multi-process run when any process failed its start-up checks
+    (`error`: this process's, None if they passed); a single process raises its own error, if any.
+
+    Each process publishes its result in the coordination service and reads the others'.  A path missing on
+    one host only (its corpus, its workdir) thus stops every process at once with that message, where the
+    others would otherwise wait up to initialize's timeout, or in the first collective, for a process that has
+    exited.  Every process must call this once, right after :func:`initialize_distributed`."""
+    if not is_multiprocess():
+        if error is not None:
+            raise error
+        return
+    from jax._src import distributed
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    client.key_value_set(f"jaxlm/checks/{me}", "" if error is None else " ".join(str(error).split()))
+    for p in range(n):
+        failed = client.blocking_key_value_get(f"jaxlm/checks/{p}", int(timeout_seconds * 1000))
+        if failed:
+            raise UserError(failed if p == me else f"process {p} of {n}: {failed}")
+
+
 def agree_on_signal(raised: str | None) -> str | None:
     """Multi-process: the signal name any process has caught (or None), the same on every process.
 
