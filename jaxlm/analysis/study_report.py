@@ -38,6 +38,9 @@ def summarize(results: dict, config) -> dict:
                "eval_loss": _mean_std([r["eval_loss"] for r in runs]),
                "effective_context": {m: _mean_std([r["effective_context"][m] for r in runs])
                                      for m in runs[0]["effective_context"]},
+               "effective_context_intervals": {m: [list(r["effective_context_interval"][m]) for r in runs]
+                                               for m in runs[0]["effective_context"]
+                                               if all(m in r.get("effective_context_interval", {}) for r in runs)},
                "ablation": {m: {d: _mean_std([r["ablation"][m][d][0] for r in runs]) for d in runs[0]["ablation"][m]}
                             for m in runs[0]["ablation"]}}
         for key in ("relative", "relative_right"):
@@ -240,12 +243,36 @@ def _khandelwal(summary, out):
             f"{eff['shuffle'][0]:.0f} ± {eff['shuffle'][1]:.0f}")
     others = ", ".join(f"{o} {lm[o]['effective_context']['drop'][0]:.0f}" for o in lm if o != v)
     text += f"; other models (drop): {others}." if others else "."
-    sharp = eff["shuffle"][0] <= eff["drop"][0] and eff["drop"][0] > 1
-    text += (" Shuffling the far context costs less context than dropping it (order matters nearby only)."
-             if sharp else " Shuffling does not tolerate more far context than dropping here.")
+    intervals = lm[v].get("effective_context_intervals", {})
+    if "drop" in intervals and "shuffle" in intervals:
+        verdict, said = _shape_within_error(intervals["drop"], intervals["shuffle"])
+        text += (" 90% bootstrap intervals over the windows, per seed: " + "; ".join(
+            f"drop {d[0]}-{d[1]}, shuffle {s[0]}-{s[1]}" for d, s in zip(intervals["drop"], intervals["shuffle"]))
+            + f". {said}")
+    else:   # runs recorded before the intervals: the point values
+        sharp = eff["shuffle"][0] <= eff["drop"][0] and eff["drop"][0] > 1
+        verdict = "reproduced (shape only)" if sharp else "not reproduced"
+        text += (" Shuffling the far context costs less context than dropping it (order matters nearby only)."
+                 if sharp else " Shuffling does not tolerate more far context than dropping here.")
     text += (f" The ~200-token magnitude is not comparable: these are characters (~{seq_len / 6:.0f} words at "
              f"most in a {seq_len}-character window), and the window caps the measurable context.")
-    return _finding("effective_context", cite, lit, text, "reproduced (shape only)" if sharp else "not reproduced")
+    return _finding("effective_context", cite, lit, text, verdict)
+
+
+def _shape_within_error(drop: list, shuffle: list) -> tuple[str, str]:
+    """Khandelwal's shape (the shuffle effective context below the drop one) judged on every seed's bootstrap
+    intervals: (verdict, sentence).  Only intervals that do not overlap count either way."""
+    below = sum(s[1] < d[0] for d, s in zip(drop, shuffle))
+    not_below = sum(s[0] >= d[1] for d, s in zip(drop, shuffle))
+    if below == len(drop):
+        return ("reproduced (shape only)", "Shuffling the far context costs less context than dropping it, "
+                "beyond the error on every seed (order matters nearby only).")
+    if not_below == len(drop):
+        return ("not reproduced", "On every seed the shuffle interval lies at or above the drop interval: "
+                "shuffling the far context costs at least as much context as dropping it.")
+    return ("not established (within the error)", f"The intervals separate the two on {below + not_below} of "
+            f"{len(drop)} seed(s) ({below} with shuffling the shorter); a difference counts only where the "
+            "intervals do not overlap on every seed.")
 
 
 def _recall_extremes(summary):
@@ -353,7 +380,8 @@ def report(out: dict, images) -> str:
     lines = ["# The long-range study", "",
              "How RNNs, LSTMs, ELMo, GPT and BERT use distant context, at matched parameter counts "
              f"(size preset `{s['size']}`). Every number is a mean ± standard deviation over seeds (but a single "
-             "seed's S(d)/S(1), ± its jackknife error over sequences); every verdict below is computed from these "
+             "seed's S(d)/S(1) is given ± its jackknife error over sequences, and its effective context with its "
+             "90% bootstrap interval over windows); every verdict below is computed from these "
              "numbers (thresholds in `jaxlm/analysis/study_report.py`).", "",
              f"Time: the runs took {out['run_seconds']:.0f} s of wall-clock training and analysis when they were "
              f"trained; this invocation took {out['seconds']:.0f} s (runs found finished in the workdir are reused, "
@@ -378,8 +406,9 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
     lines = ["## Character LM on the built-in corpus", "",
              f"{s['lm_steps']} steps, batch {s['lm_batch_size']}, windows of {s['lm_seq_len']} characters; "
              f"sensitivity on {s['num_sequences']} validation windows, ablation on {s['num_windows']} windows; "
-             f"effective context at {100 * out['tolerance']:g}% of the best loss over d. S(d)/S(1): ± is the "
-             "standard deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
+             f"effective context at {100 * out['tolerance']:g}% of the best loss over d (mean ± std over seeds, or "
+             "for a single seed its 90% bootstrap interval over the windows). S(d)/S(1): ± is the standard "
+             "deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
              "",
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
              + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
@@ -392,9 +421,15 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
         err = mean_std[1] if r["seeds"] > 1 else _single_seed_stderr(r, d)   # the table's ±: std over seeds
         return f"{mean_std[0]:.2g}" + ("" if err is None else f" ± {err:.1g}")
 
+    def context(r: dict, m: str) -> str:
+        interval = r.get("effective_context_intervals", {}).get(m)
+        if r["seeds"] > 1 or not interval:
+            return _pm(r["effective_context"][m], 0)
+        return f"{r['effective_context'][m][0]:.0f} ({interval[0][0]}-{interval[0][1]})"
+
     for v, r in lm.items():
         lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'])} | "
-                     + " | ".join(_pm(r["effective_context"][m], 0) for m in modes) + " | "
+                     + " | ".join(context(r, m) for m in modes) + " | "
                      + " | ".join(ratio(r, d) for d in ds) + " |")
     lines += ["", "![sensitivity](sensitivity.png)", ""]
     lines += [f"![ablation {m}](ablation_{m}.png)" for m in modes]

@@ -272,3 +272,38 @@ def test_gpt_must_clearly_keep_more_distant_sensitivity_than_the_recurrent_model
         summary = {"lm": {"rnn": lm(0.0045, 0.0003), "gpt": lm(gpt, 0.0004)}, "recall": {}}
         found = {f["key"]: f["verdict"] for f in study_report.findings(summary, out)}
         assert (found["vanishing_gradients"], found["transformer_constant_path"]) == (vanishing, constant_path), gpt
+
+
+@pytest.mark.parametrize("drop, shuffle, verdict", [
+    ([[16, 32]], [[4, 8]], "reproduced (shape only)"),
+    ([[8, 16]], [[8, 16]], "not established (within the error)"),
+    ([[4, 4]], [[8, 16]], "not reproduced"),
+    ([[16, 32], [8, 8]], [[4, 8], [8, 16]], "not established (within the error)"),   # the seeds disagree
+])
+def test_khandelwal_shape_counts_only_where_the_bootstrap_intervals_separate(drop, shuffle, verdict):
+    """Shuffling must tolerate more far context than dropping on every seed, by intervals that do not overlap;
+    the point values alone (drop 16 against shuffle 8 here) no longer decide."""
+    row = {"params": 1, "seeds": len(drop), "eval_loss": [1.5, 0.0],
+           "effective_context": {"drop": [16, 0], "shuffle": [8, 0]},
+           "effective_context_intervals": {"drop": drop, "shuffle": shuffle}}
+    out = {"chance": 0.125, "tolerance": 0.01, "config": {"lm_seq_len": 64}}
+    found = {f["key"]: f for f in study_report.findings({"lm": {"lstm": row}, "recall": {}}, out)}
+    assert found["effective_context"]["verdict"] == verdict
+    first_seed = f"drop {drop[0][0]}-{drop[0][1]}, shuffle {shuffle[0][0]}-{shuffle[0][1]}"
+    assert first_seed in found["effective_context"]["this_run"]
+
+
+def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_it_in_the_table():
+    def run(drop, interval):
+        return {"params": 1, "eval_loss": 1.5, "effective_context": {"drop": drop},
+                "effective_context_interval": {"drop": interval}, "ablation": {"drop": {"64": [1.5, 0.0]}},
+                "sensitivity": {"distances": [1], "mean": [1.0]}}
+    results = {"lm": {"lstm": {"seed0": run(8, [4, 16])}, "gpt": {"seed0": run(4, [4, 4]), "seed1": run(8, [8, 8])}},
+               "recall": {}}
+    lm = study_report.summarize(results, None)["lm"]
+    assert lm["gpt"]["effective_context_intervals"] == {"drop": [[4, 4], [8, 8]]}
+    s = {"lm_steps": 1, "lm_batch_size": 1, "lm_seq_len": 64, "num_sequences": 8, "num_windows": 8}
+    out = {"tolerance": 0.05, "runs": {"lm": {v: {} for v in lm}}}
+    cells = {line.split("|")[1].strip(): line.split("|")[5].strip()
+             for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
+    assert cells == {"lstm": "8 (4-16)", "gpt": "6 ± 3"}
