@@ -238,9 +238,10 @@ def _khandelwal(summary, out):
     if "drop" not in eff or "shuffle" not in eff:
         return _not_measured("effective_context", cite, lit, "both the drop and the shuffle ablation")
     seq_len = out["config"]["lm_seq_len"]
-    text = (f"{v} char LM, effective context at {100 * out['tolerance']:g}% tolerance (mean ± std over seeds, "
-            f"in characters, window {seq_len}): drop {eff['drop'][0]:.0f} ± {eff['drop'][1]:.0f}, shuffle "
-            f"{eff['shuffle'][0]:.0f} ± {eff['shuffle'][1]:.0f}")
+    seeds = lm[v]["seeds"]
+    text = (f"{v} char LM, effective context at {100 * out['tolerance']:g}% tolerance "
+            f"({'mean ± std over seeds, ' if seeds > 1 else ''}in characters, window {seq_len}): drop "
+            f"{_pm(eff['drop'], 0, seeds)}, shuffle {_pm(eff['shuffle'], 0, seeds)}")
     others = ", ".join(f"{o} {lm[o]['effective_context']['drop'][0]:.0f}" for o in lm if o != v)
     text += f"; other models (drop): {others}." if others else "."
     intervals = lm[v].get("effective_context_intervals", {})
@@ -371,8 +372,9 @@ def _transformer(summary):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _pm(x, digits=3):
-    return f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}"
+def _pm(x, digits=3, seeds=2):
+    """mean ± std over seeds; one seed's value alone (its std over seeds is no error)."""
+    return f"{x[0]:.{digits}f}" + (f" ± {x[1]:.{digits}f}" if seeds > 1 else "")
 
 
 def report(out: dict, images) -> str:
@@ -428,7 +430,7 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
         return f"{r['effective_context'][m][0]:.0f} ({interval[0][0]}-{interval[0][1]})"
 
     for v, r in lm.items():
-        lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'])} | "
+        lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'], seeds=r['seeds'])} | "
                      + " | ".join(context(r, m) for m in modes) + " | "
                      + " | ".join(ratio(r, d) for d in ds) + " |")
     lines += ["", "![sensitivity](sensitivity.png)", ""]

@@ -293,7 +293,7 @@ def test_khandelwal_shape_counts_only_where_the_bootstrap_intervals_separate(dro
     assert first_seed in found["effective_context"]["this_run"]
 
 
-def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_it_in_the_table():
+def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_its_own_error_only():
     def run(drop, interval):
         return {"params": 1, "eval_loss": 1.5, "effective_context": {"drop": drop},
                 "effective_context_interval": {"drop": interval}, "ablation": {"drop": {"64": [1.5, 0.0]}},
@@ -304,6 +304,6 @@ def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_
     assert lm["gpt"]["effective_context_intervals"] == {"drop": [[4, 4], [8, 8]]}
     s = {"lm_steps": 1, "lm_batch_size": 1, "lm_seq_len": 64, "num_sequences": 8, "num_windows": 8}
     out = {"tolerance": 0.05, "runs": {"lm": {v: {} for v in lm}}}
-    cells = {line.split("|")[1].strip(): line.split("|")[5].strip()
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[4:6]]
              for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
-    assert cells == {"lstm": "8 (4-16)", "gpt": "6 ± 3"}
+    assert cells == {"lstm": ["1.500", "8 (4-16)"], "gpt": ["1.500 ± 0.000", "6 ± 3"]}   # eval loss, eff. ctx
