@@ -426,7 +426,7 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
     def context(r: dict, m: str) -> str:
         interval = r.get("effective_context_intervals", {}).get(m)
         if r["seeds"] > 1 or not interval:
-            return _pm(r["effective_context"][m], 0)
+            return _pm(r["effective_context"][m], 0, r["seeds"])
         return f"{r['effective_context'][m][0]:.0f} ({interval[0][0]}-{interval[0][1]})"
 
     for v, r in lm.items():
