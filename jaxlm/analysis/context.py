@@ -10,6 +10,11 @@ distance d, the context FARTHER than d tokens from the target (w[:L - d]) is per
 - ``shuffle``: the far tokens are permuted (independently in each window): word order beyond d destroyed,
   word identity kept.
 - ``random``: the far tokens are replaced by tokens drawn uniformly from the non-special vocabulary.
+- ``mask`` (transformers only): the far tokens stay where they are but are hidden from attention (a key mask
+  in every layer), so the target keeps its position.  ``drop`` moves a transformer's target to position
+  d - 1, so with learned absolute positions its curve mixes how the loss depends on position into how it
+  depends on context; ``mask`` holds the position fixed (and shows the model a pattern it never trained on:
+  a late position with few visible keys).  Recurrent models have no positions: for them ``drop`` is clean.
 
 A distance d >= L perturbs nothing, so its loss IS the full-context loss (computed identically, bit for bit).
 How the target is predicted: causal models (rnn, lstm, gpt) from the output at the last context position;
@@ -32,8 +37,10 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.analysis import apply
+from jaxlm.models import transformer
 
-MODES = ("drop", "shuffle", "random")
+MODES = ("drop", "shuffle", "random")        # every model
+TRANSFORMER_MODES = ("mask",)                # models whose attention takes a key mask (jaxlm.models.transformer)
 
 
 def distance_grid(length: int, *, start: int = 1) -> list[int]:
@@ -46,13 +53,20 @@ def distance_grid(length: int, *, start: int = 1) -> list[int]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kind", "mask_id"))
-def _losses(graphdef, params, contexts, targets, *, kind, mask_id):
-    """-log p(target | context) [B] for contexts int [B, c] (target predicted after the last context token)."""
+def _losses(graphdef, params, contexts, targets, visible=None, *, kind, mask_id):
+    """-log p(target | context) [B] for contexts int [B, c] (target predicted after the last context token);
+    visible: int scalar or None: a transformer sees only the last `visible` context tokens (key mask)."""
     model = nnx.merge(graphdef, params)
+    length = contexts.shape[1]
     if kind == "masked":
         contexts = jnp.concatenate([contexts, jnp.full((contexts.shape[0], 1), mask_id, contexts.dtype)], axis=1)
     last = jnp.full((contexts.shape[0], 1), contexts.shape[1] - 1, jnp.int32)   # the output layer only there
-    out = apply.predicting_logits(apply.logits(model, contexts, last), kind)
+    if visible is None:
+        out = apply.logits(model, contexts, last)
+    else:   # bert's appended [MASK] (position `length`) stays visible
+        keys = jnp.broadcast_to(jnp.arange(contexts.shape[1]) >= length - visible, contexts.shape)
+        out = apply.split_output(model(contexts, mask=keys, positions=last))
+    out = apply.predicting_logits(out, kind)
     logp = jax.nn.log_softmax(out[:, 0].astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
@@ -65,8 +79,9 @@ def default_batch_size(context_len: int, vocab_size: int) -> int:
 
 
 def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id: int | None = None,
-                      batch_size: int = 256) -> np.ndarray:
-    """Per-window loss [N] (float64) of predicting ``targets`` [N] after ``contexts`` [N, c], in fixed-size calls."""
+                      batch_size: int = 256, visible: int | None = None) -> np.ndarray:
+    """Per-window loss [N] (float64) of predicting ``targets`` [N] after ``contexts`` [N, c], in fixed-size calls;
+    visible: a transformer attends to the last `visible` context tokens only (None: all)."""
     contexts, targets = np.asarray(contexts, np.int32), np.asarray(targets, np.int32)
     num = len(contexts)
     batch_size = min(batch_size, num)
@@ -78,7 +93,8 @@ def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id
         if real < batch_size:  # same shape as the other calls: no recompilation
             c = np.concatenate([c, np.repeat(c[:1], batch_size - real, axis=0)])
             t = np.concatenate([t, np.repeat(t[:1], batch_size - real)])
-        out.append(np.asarray(fn(params, jnp.asarray(c), jnp.asarray(t)))[:real])
+        shown = None if visible is None else jnp.int32(visible)   # traced: one compile for every d
+        out.append(np.asarray(fn(params, jnp.asarray(c), jnp.asarray(t), shown))[:real])
     return np.concatenate(out).astype(np.float64)
 
 
@@ -110,8 +126,11 @@ def context_ablation_losses(graphdef, params, windows, *, distances, mode: str =
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [N, L + 1] with L >= 1, got shape {windows.shape}")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; choose from {', '.join(MODES)}")
+    if mode not in MODES + TRANSFORMER_MODES:
+        raise ValueError(f"mode={mode!r}; choose from {', '.join(MODES + TRANSFORMER_MODES)}")
+    if mode in TRANSFORMER_MODES and not is_transformer(graphdef, params):
+        raise ValueError(f"mode={mode!r} hides tokens from attention: it needs a transformer (gpt, bert); "
+                         "recurrent models have no positions to keep, use 'drop'")
     if any(int(d) < 1 for d in distances):
         raise ValueError(f"distances must be >= 1 (a prediction needs some context), got {list(distances)}")
     if tokenizer is not None:
@@ -134,11 +153,17 @@ def context_ablation_losses(graphdef, params, windows, *, distances, mode: str =
         key = min(int(d), length)  # every d >= L is the unperturbed full context: computed once
         if key not in cache:
             rng = np.random.default_rng([seed, key])
-            perturbed = perturb(contexts, key, mode, rng, replacement_ids=replacement_ids)
+            masked = mode == "mask" and key < length
+            perturbed = contexts if mode == "mask" else perturb(contexts, key, mode, rng, replacement_ids=replacement_ids)
             cache[key] = last_token_losses(graphdef, params, perturbed, targets, kind=kind, mask_id=mask_id,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size, visible=key if masked else None)
         results[int(d)] = cache[key]
     return results
+
+
+def is_transformer(graphdef, params) -> bool:
+    """Whether the model's attention takes a key mask (the ``mask`` mode's requirement)."""
+    return isinstance(nnx.merge(graphdef, params), transformer.Transformer)
 
 
 def summarize(losses: dict[int, np.ndarray]) -> dict[int, tuple[float, float]]:

@@ -7,8 +7,8 @@ and runs on its validation split:
    16 target positions (the last ones for causal models, the middle ones for bert/elmo, so both sides are
    seen), folded by distance; plus the full inputs x outputs map on the first 16 windows (Graves' heat map);
 2. context ablation (``analysis.context``): loss at the last token with the context beyond d dropped,
-   shuffled and randomised, d on a log grid, over ``analysis.num_windows`` windows; the effective context
-   at ``analysis.tolerance`` for each mode;
+   shuffled and randomised (transformers also: hidden from attention in place, the ``mask`` mode), d on a log
+   grid, over ``analysis.num_windows`` windows; the effective context at ``analysis.tolerance`` for each mode;
 3. attention maps (``analysis.attention_maps``, gpt and bert only) of ``analysis.attention_text`` (or the
    first tokens of the validation split): a layers x heads PNG grid and the offline HTML head view.
 
@@ -157,14 +157,15 @@ def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarra
     return ids
 
 
-def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABLATION_MODES,
+def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=None,
                 attention: bool = True, write_tensorboard: bool = True) -> dict:
     """Run sensitivity, context ablation and attention maps on the trained run in ``workdir``.
 
     Args:
       workdir: a run directory with a checkpoint (``jaxlm.runs.load``).
       config_overrides: flat {"analysis.num_windows": 1024, ...} applied to the run's saved config.
-      modes: context-ablation modes (default all three); attention: draw attention maps (transformers).
+      modes: context-ablation modes (None: ABLATION_MODES, and for a transformer also context.TRANSFORMER_MODES);
+        attention: draw attention maps (transformers).
     Returns:
       the dict written to RUN/analysis/results.json.
     """
@@ -190,6 +191,9 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     windows = validation_windows(dataset, a.num_sequences, seq_len, synthetic=task)
     results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, objective=objective,
                                                    mask_id=tokenizer.mask_id, out_dir=out_dir, answer_last=task)
+    if modes is None:
+        modes = ABLATION_MODES + (context.TRANSFORMER_MODES if context.is_transformer(trained.graphdef, trained.params)
+                                  else ())
     ablation_windows = validation_windows(dataset, a.num_windows, min(context_len + 1, seq_len) if task
                                           else context_len + 1, synthetic=task)
     results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,

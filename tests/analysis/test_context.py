@@ -178,3 +178,38 @@ def test_effective_context_interval_is_a_paired_bootstrap_of_the_same_rule():
     assert lo <= point <= hi and lo < hi                       # noise at the 1% tolerance: a genuine spread
     exact = {d: difficulty + {1: 1.0, 2: 0.5, 4: 0.2, 8: 0.0, 16: 0.0}[d] for d in losses}   # 4: ~10% above
     assert context.effective_context_interval(exact, 0.01) == (8, 8)   # no noise beyond the shared part
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert"])
+def test_mask_hides_the_far_context_and_keeps_the_positions(name):
+    """mode='mask': the far tokens do not matter (randomising them changes nothing), d >= L is the full context,
+    and with every position embedding equal (no position information) hiding the far tokens is dropping them:
+    the same function, so the same losses."""
+    graphdef, params = build(name)
+    kind = "masked" if name == "bert" else "causal"
+    w = windows()
+    kw = dict(distances=[2, 5, L], mode="mask", mask_id=12, batch_size=16)
+    losses = context.context_ablation_losses(graphdef, params, w, **kw)
+    noisy = w.copy()
+    noisy[:, :L - 5] = np.random.default_rng(1).integers(0, 12, noisy[:, :L - 5].shape)
+    np.testing.assert_allclose(context.context_ablation_losses(graphdef, params, noisy, **kw)[5], losses[5], rtol=1e-6)
+    np.testing.assert_array_equal(losses[L], context.context_ablation_losses(
+        graphdef, params, w, distances=[L], mode="drop", mask_id=12, batch_size=16)[L])
+    assert not np.allclose(losses[2], losses[L])
+    moved = context.context_ablation_losses(graphdef, params, w, distances=[5], mode="drop", mask_id=12, batch_size=16)
+    assert not np.allclose(losses[5], moved[5])   # with its own position embeddings the target's position matters
+    model = nnx.merge(graphdef, params)
+    table = model.pos_embed.embedding
+    table[...] = jnp.broadcast_to(table[...][:1], table.shape)
+    graphdef, flat = nnx.split(model, nnx.Param)
+    drop = context.context_ablation_losses(graphdef, flat, w, distances=[2, 5], mode="drop", mask_id=12, batch_size=16)
+    hide = context.context_ablation_losses(graphdef, flat, w, distances=[2, 5], mode="mask", mask_id=12, batch_size=16)
+    for d in (2, 5):
+        np.testing.assert_allclose(hide[d], drop[d], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hide[d], direct_losses(graphdef, flat, w[:, L - d:L], w[:, -1], kind), rtol=1e-5)
+
+
+def test_mask_needs_a_transformer():
+    graphdef, params = build("lstm")
+    with pytest.raises(ValueError, match="needs a transformer"):
+        context.context_ablation_losses(graphdef, params, windows(), distances=[2], mode="mask")
