@@ -157,15 +157,15 @@ def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarra
     return ids
 
 
-def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=None,
+def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABLATION_MODES,
                 attention: bool = True, write_tensorboard: bool = True) -> dict:
     """Run sensitivity, context ablation and attention maps on the trained run in ``workdir``.
 
     Args:
       workdir: a run directory with a checkpoint (``jaxlm.runs.load``).
       config_overrides: flat {"analysis.num_windows": 1024, ...} applied to the run's saved config.
-      modes: context-ablation modes (None: ABLATION_MODES, and for a transformer also context.TRANSFORMER_MODES);
-        attention: draw attention maps (transformers).
+      modes: the context-ablation modes every model runs; a transformer also runs context.TRANSFORMER_MODES.
+      attention: draw attention maps (transformers).
     Returns:
       the dict written to RUN/analysis/results.json.
     """
@@ -191,9 +191,8 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=Non
     windows = validation_windows(dataset, a.num_sequences, seq_len, synthetic=task)
     results["sensitivity"], heat = run_sensitivity(trained.graphdef, trained.params, windows, objective=objective,
                                                    mask_id=tokenizer.mask_id, out_dir=out_dir, answer_last=task)
-    if modes is None:
-        modes = ABLATION_MODES + (context.TRANSFORMER_MODES if context.is_transformer(trained.graphdef, trained.params)
-                                  else ())
+    if context.is_transformer(trained.graphdef, trained.params):
+        modes = tuple(modes) + tuple(m for m in context.TRANSFORMER_MODES if m not in modes)
     ablation_windows = validation_windows(dataset, a.num_windows, min(context_len + 1, seq_len) if task
                                           else context_len + 1, synthetic=task)
     results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,

@@ -83,8 +83,9 @@ def figures(results: dict, summary: dict, out: dict, workdir: str) -> dict:
         images["sensitivity"] = plots.sensitivity_vs_distance(
             curves, title="Gradient sensitivity vs distance (char LM, mean over seeds)",
             path=os.path.join(workdir, "sensitivity.png"))
-        for mode in next(iter(lm.values()))["ablation"]:
-            pts = {v: {int(d): tuple(x) for d, x in r["ablation"][mode].items()} for v, r in lm.items()}
+        for mode in _modes(lm):
+            pts = {v: {int(d): tuple(x) for d, x in r["ablation"][mode].items()} for v, r in lm.items()
+                   if mode in r["ablation"]}
             images[f"ablation_{mode}"] = plots.ablation_curves(
                 pts, title=f"Context ablation ({mode} beyond d), mean ± std over seeds",
                 path=os.path.join(workdir, f"ablation_{mode}.png"))
@@ -400,16 +401,24 @@ def report(out: dict, images) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _modes(lm: dict) -> list[str]:
+    """The ablation modes any LM model ran, in first-seen order (transformers add mask to the common ones)."""
+    return list(dict.fromkeys(m for r in lm.values() for m in r["effective_context"]))
+
+
 def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
     if not lm:
         return ["## Character LM", "", "Not run (study.lm_seeds = 0 or no study.lm_models).", ""]
-    modes = list(next(iter(lm.values()))["effective_context"])
+    modes = _modes(lm)
     ds = sorted({int(d) for r in lm.values() for d in r.get("sensitivity_relative", {}) if int(d) > 1})
     lines = ["## Character LM on the built-in corpus", "",
              f"{s['lm_steps']} steps, batch {s['lm_batch_size']}, windows of {s['lm_seq_len']} characters; "
              f"sensitivity on {s['num_sequences']} validation windows, ablation on {s['num_windows']} windows; "
              f"effective context at {100 * out['tolerance']:g}% of the best loss over d (mean ± std over seeds, or "
-             "for a single seed its 90% bootstrap interval over the windows). S(d)/S(1): ± is the standard "
+             "for a single seed its 90% bootstrap interval over the windows)"
+             + ("; mask (transformers only): the far context hidden from attention in place, so the target keeps "
+                "its position, which drop moves to d - 1" if "mask" in modes else "")
+             + ". S(d)/S(1): ± is the standard "
              "deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
              "",
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
@@ -424,6 +433,8 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
         return f"{mean_std[0]:.2g}" + ("" if err is None else f" ± {err:.1g}")
 
     def context(r: dict, m: str) -> str:
+        if m not in r["effective_context"]:
+            return ""
         interval = r.get("effective_context_intervals", {}).get(m)
         if r["seeds"] > 1 or not interval:
             return _pm(r["effective_context"][m], 0, r["seeds"])

@@ -63,8 +63,9 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
             for field in study.RESULT_FIELDS["lm"]:
                 assert field in run, (variant, field)
             assert np.isfinite(run["eval_loss"])
-            assert set(run["effective_context"]) == set(modes)
-            for mode in modes:
+            ran = modes + (["mask"] if variant in ("gpt", "bert") else [])   # transformers add the mask mode
+            assert list(run["effective_context"]) == ran
+            for mode in ran:
                 assert 1 <= run["effective_context"][mode] <= s.lm_seq_len
                 lo, hi = run["effective_context_interval"][mode]
                 assert lo <= hi and {lo, hi} <= set(run["ablation_grid"])   # grid distances, in order
@@ -85,11 +86,13 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
     assert {"vanishing_gradients", "effective_context", "lstm_long_lag", "transformer_constant_path"} <= keys
     for f in saved["findings"]:
         assert f["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not measured",
-                                "reproduced (shape only)")
+                                "reproduced (shape only)", "not established (within the error)")
     for name in ("report.md", "sensitivity.png", "recall_accuracy.png", "ablation_drop.png"):
         assert os.path.isfile(os.path.join(workdir, name)), name
     report = pathlib.Path(os.path.join(workdir, "report.md")).read_text()
     assert "Khandelwal" in report and "Vaswani" in report and "±" in report
+    if "gpt" in lm_models:   # its mask column, blank for the recurrent models
+        assert "eff. ctx (mask)" in report and os.path.isfile(os.path.join(workdir, "ablation_mask.png"))
     tags = {t for t in metric_writer.read_scalars(workdir)}
     assert any(t.startswith("study/effective_context_drop/") for t in tags)
 
@@ -141,7 +144,7 @@ def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert results["ablation"]["num_windows"] == 32
-    assert set(results["ablation"]["effective_context"]) == {"drop", "shuffle", "random"}
+    assert set(results["ablation"]["effective_context"]) == {"drop", "shuffle", "random", "mask"}   # a gpt
     assert results["attention"]["shape"][:2] == [2, 4]   # layers x heads of the tiny gpt
     assert "http" not in pathlib.Path(os.path.join(out, "head_view.html")).read_text().lower()
     tags = set(metric_writer.read_scalars(workdir))
