@@ -34,15 +34,16 @@ def summarize(results: dict, config) -> dict:
     out = {"lm": {}, "recall": {}}
     for variant, seeds in results["lm"].items():
         runs = list(seeds.values())
+        # the modes every seed ran (a seed analysed before the mask mode existed has none)
+        modes = [m for m in runs[0]["effective_context"] if all(m in r["effective_context"] for r in runs)]
         row = {"params": runs[0]["params"], "seeds": len(runs),
                "eval_loss": _mean_std([r["eval_loss"] for r in runs]),
-               "effective_context": {m: _mean_std([r["effective_context"][m] for r in runs])
-                                     for m in runs[0]["effective_context"]},
+               "effective_context": {m: _mean_std([r["effective_context"][m] for r in runs]) for m in modes},
                "effective_context_intervals": {m: [list(r["effective_context_interval"][m]) for r in runs]
-                                               for m in runs[0]["effective_context"]
+                                               for m in modes
                                                if all(m in r.get("effective_context_interval", {}) for r in runs)},
                "ablation": {m: {d: _mean_std([r["ablation"][m][d][0] for r in runs]) for d in runs[0]["ablation"][m]}
-                            for m in runs[0]["ablation"]}}
+                            for m in modes}}
         for key in ("relative", "relative_right"):
             if key in runs[0]["sensitivity"]:
                 row[f"sensitivity_{key}"] = {d: _mean_std([r["sensitivity"][key].get(d, np.nan) for r in runs])

@@ -303,8 +303,12 @@ def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_
                 "sensitivity": {"distances": [1], "mean": [1.0]}}
     results = {"lm": {"lstm": {"seed0": run(8, [4, 16])}, "gpt": {"seed0": run(4, [4, 4]), "seed1": run(8, [8, 8])}},
                "recall": {}}
+    seed0 = results["lm"]["gpt"]["seed0"]   # seed 0 also ran the mask mode; seed 1 was analysed before it existed
+    seed0["effective_context"]["mask"], seed0["effective_context_interval"]["mask"] = 16, [8, 16]
+    seed0["ablation"]["mask"] = {"64": [1.5, 0.0]}
     lm = study_report.summarize(results, None)["lm"]
     assert lm["gpt"]["effective_context_intervals"] == {"drop": [[4, 4], [8, 8]]}
+    assert list(lm["gpt"]["ablation"]) == ["drop"]   # only the modes every seed ran
     s = {"lm_steps": 1, "lm_batch_size": 1, "lm_seq_len": 64, "num_sequences": 8, "num_windows": 8}
     out = {"tolerance": 0.05, "runs": {"lm": {v: {} for v in lm}}}
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[4:6]]
