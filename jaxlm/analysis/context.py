@@ -154,7 +154,8 @@ def context_ablation_losses(graphdef, params, windows, *, distances, mode: str =
         if key not in cache:
             rng = np.random.default_rng([seed, key])
             masked = mode == "mask" and key < length
-            perturbed = contexts if mode == "mask" else perturb(contexts, key, mode, rng, replacement_ids=replacement_ids)
+            perturbed = (contexts if mode == "mask"      # the whole context, its far part hidden by `visible`
+                         else perturb(contexts, key, mode, rng, replacement_ids=replacement_ids))
             cache[key] = last_token_losses(graphdef, params, perturbed, targets, kind=kind, mask_id=mask_id,
                                            batch_size=batch_size, visible=key if masked else None)
         results[int(d)] = cache[key]
