@@ -86,6 +86,7 @@ def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id
     num = len(contexts)
     batch_size = min(batch_size, num)
     fn = functools.partial(_losses, graphdef, kind=kind, mask_id=None if mask_id is None else int(mask_id))
+    shown = None if visible is None else jnp.int32(visible)   # traced: one compile for every d
     out = []
     for start in range(0, num, batch_size):
         c, t = contexts[start:start + batch_size], targets[start:start + batch_size]
@@ -93,7 +94,6 @@ def last_token_losses(graphdef, params, contexts, targets, *, kind: str, mask_id
         if real < batch_size:  # same shape as the other calls: no recompilation
             c = np.concatenate([c, np.repeat(c[:1], batch_size - real, axis=0)])
             t = np.concatenate([t, np.repeat(t[:1], batch_size - real)])
-        shown = None if visible is None else jnp.int32(visible)   # traced: one compile for every d
         out.append(np.asarray(fn(params, jnp.asarray(c), jnp.asarray(t), shown))[:real])
     return np.concatenate(out).astype(np.float64)
 
@@ -153,11 +153,12 @@ def context_ablation_losses(graphdef, params, windows, *, distances, mode: str =
         key = min(int(d), length)  # every d >= L is the unperturbed full context: computed once
         if key not in cache:
             rng = np.random.default_rng([seed, key])
-            masked = mode == "mask" and key < length
-            perturbed = (contexts if mode == "mask"      # the whole context, its far part hidden by `visible`
-                         else perturb(contexts, key, mode, rng, replacement_ids=replacement_ids))
+            if mode == "mask":   # the whole context, its far part hidden from attention (none at d >= L)
+                perturbed, visible = contexts, (key if key < length else None)
+            else:
+                perturbed, visible = perturb(contexts, key, mode, rng, replacement_ids=replacement_ids), None
             cache[key] = last_token_losses(graphdef, params, perturbed, targets, kind=kind, mask_id=mask_id,
-                                           batch_size=batch_size, visible=key if masked else None)
+                                           batch_size=batch_size, visible=visible)
         results[int(d)] = cache[key]
     return results
 
