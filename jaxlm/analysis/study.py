@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import config as config_lib, metric_writer, models, runs
-from jaxlm.analysis import hooks, plots, tasks
+from jaxlm.analysis import context, hooks, plots, tasks
 from jaxlm.analysis import study_report
 from jaxlm.data import synthetic
 from jaxlm.errors import UserError
@@ -97,7 +97,9 @@ def check_study(s) -> None:
                         "study.recall_steps)")
     bad = [m for m in _csv(s.ablation_modes) if m not in hooks.ABLATION_MODES]
     if bad:
-        raise UserError(f"invalid study.ablation_modes={s.ablation_modes!r}: choose from {', '.join(hooks.ABLATION_MODES)}")
+        raise UserError(f"invalid study.ablation_modes={s.ablation_modes!r}: choose from "
+                        f"{', '.join(hooks.ABLATION_MODES)} (the transformers also run "
+                        f"{', '.join(context.TRANSFORMER_MODES)} on their own)")
 
 
 def _model_config(base, variant: str, size: str):

@@ -214,6 +214,11 @@ def test_bad_study_values_are_one_line_user_errors():
     bad.study.stop_at_accuracy = 1.5
     with pytest.raises(UserError, match=r"study.stop_at_accuracy=1.5: must be in \[0, 1\]"):
         study.check_study(bad.study)
+    bad = copy.deepcopy(config)
+    bad.study.ablation_modes = "drop,mask"   # every model runs these; mask is for transformers and comes by itself
+    with pytest.raises(UserError, match=r"study.ablation_modes='drop,mask': choose from drop, shuffle, random "
+                                        r"\(the transformers also run mask on their own\)"):
+        study.check_study(bad.study)
 
 
 def test_run_configs_do_not_depend_on_other_study_keys():
