@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("jit", "pmap")
 SCHEDULES = ("cosine", "linear", "constant")
 LSTM_INITS = ("default", "chrono")
+POSITION_ENCODINGS = ("learned", "rope", "none")   # jaxlm/models/positions.py
 SOURCE_KINDS = ("builtin", "text", "jsonl", "synthetic")
 
 # Keys whose change on resume makes the saved checkpoint meaningless (DESIGN.md: "a config that conflicts
@@ -48,7 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4
     c.model.mlp_ratio = 4            # transformer MLP width = mlp_ratio * d_model
     c.model.dropout = 0.0
-    c.model.max_len = 256            # longest sequence the model accepts (learned positions)
+    c.model.max_len = 256            # longest sequence the model accepts (its context window)
+    c.model.position_encoding = "learned"  # transformers: learned (GPT-2/BERT) | rope (Su et al. 2021) | none (NoPE)
     c.model.dtype = "float32"        # compute dtype; parameters and optimizer state stay float32
     c.model.gelu_approximate = False  # tanh-approximate GELU: faster on CPU, a (slightly) different function
     c.model.attention_query_blocks = 4  # causal attention in <= this many query blocks of >= 64 (1 = one T x T)
@@ -189,6 +191,11 @@ def validate(config) -> None:
         _fail("model.attention_query_blocks", blocks, "must be a positive integer (1 = one T x T score matrix)")
     if o.schedule not in SCHEDULES:
         _fail("optim.schedule", o.schedule, f"choose from {', '.join(SCHEDULES)}")
+    if m.position_encoding not in POSITION_ENCODINGS:
+        _fail("model.position_encoding", m.position_encoding, f"choose from {', '.join(POSITION_ENCODINGS)}")
+    if m.position_encoding == "rope" and m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2:
+        _fail("model.position_encoding", m.position_encoding, f"rope needs an even head dimension; "
+              f"model.d_model={m.d_model} / model.num_heads={m.num_heads} = {m.d_model // m.num_heads}")
     if m.lstm_init not in LSTM_INITS:
         _fail("model.lstm_init", m.lstm_init, f"choose from {', '.join(LSTM_INITS)}")
     if config.objective.name and config.objective.name not in OBJECTIVES:

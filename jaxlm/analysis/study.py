@@ -36,14 +36,16 @@ from jaxlm.errors import UserError
 from jaxlm.train import loop
 
 # variant -> model-config changes; the long-range LSTM initialisations after Tallec & Ollivier (2018) and
-# Gers et al. (2000) / Jozefowicz et al. (2015)
+# Gers et al. (2000) / Jozefowicz et al. (2015); the GPT's position encodings (models/positions.py)
 VARIANTS = {
     "rnn": {"name": "rnn"},
     "lstm": {"name": "lstm", "forget_bias": 1.0, "lstm_init": "default"},
     "lstm_fb3": {"name": "lstm", "forget_bias": 3.0, "lstm_init": "default"},
     "lstm_chrono": {"name": "lstm", "lstm_init": "chrono"},
     "elmo": {"name": "elmo"},
-    "gpt": {"name": "gpt"},
+    "gpt": {"name": "gpt", "position_encoding": "learned"},
+    "gpt_rope": {"name": "gpt", "position_encoding": "rope"},   # relative positions only (Su et al. 2021)
+    "gpt_nope": {"name": "gpt", "position_encoding": "none"},   # none: order from the causal mask alone
     "bert": {"name": "bert"},
 }
 # sizes matched within ~10% of each other's parameter count (tests/analysis/test_study.py checks it)

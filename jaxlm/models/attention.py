@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from jaxlm.models import layers
+from jaxlm.models import layers, positions
 
 # Large negative but finite: exp(NEG - max) underflows to exactly 0, and a row that is all NEG stays finite.
 NEG = -1e30
@@ -169,16 +169,18 @@ class MultiHeadAttention(nnx.Module):
     sown value is dead code unless returned, so training pays nothing for it.  `fused` picks `attend`
     (custom VJP, the default) or `attend_reference` (autodiff; needed for forward-mode jvp/jacfwd).
     Causal attention runs in `query_blocks` query blocks (`attend_causal`; 1 = one T x T block).
+    `rope` rotates queries and keys by their positions first (`positions.rotate`).
     """
 
     def __init__(self, features: int, num_heads: int, *, causal: bool, num_layers: int, dtype,
-                 rngs: nnx.Rngs, fused: bool = True, query_blocks: int = 1):
+                 rngs: nnx.Rngs, fused: bool = True, query_blocks: int = 1, rope: bool = False):
         if features % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide d_model={features}")
         self.num_heads = num_heads
         self.causal = causal
         self.fused = fused
         self.query_blocks = query_blocks
+        self.rope = rope
         self.qkv = layers.linear(features, 3 * features, dtype=dtype, rngs=rngs)
         self.out = layers.linear(features, features, dtype=dtype, rngs=rngs,
                                  init=layers.residual_init(num_layers))
@@ -197,6 +199,8 @@ class MultiHeadAttention(nnx.Module):
         """x [B, T, d], mask bool [B, T] (True = real) or None -> [B, T, d]."""
         b, t, d = x.shape
         q, k, v = self.project(x)
+        if self.rope:
+            q, k = positions.rotate(q), positions.rotate(k)
         core = attend if self.fused else attend_reference
         if self.causal:
             y, weights = attend_causal(core, q, k, v, mask, self.query_blocks)

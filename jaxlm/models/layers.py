@@ -105,18 +105,6 @@ class Embed(nnx.Module):
         return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.table())
 
 
-class PositionEmbed(nnx.Module):
-    """Learned absolute position embeddings [max_len, d] (GPT-2, BERT)."""
-
-    def __init__(self, max_len: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.embedding = nnx.Param(normal_init()(rngs.params(), (max_len, features), jnp.float32))
-
-    def __call__(self, length: int) -> jax.Array:
-        """The first `length` position vectors [length, d] in the compute dtype."""
-        return self.embedding[:length].astype(self.dtype)
-
-
 def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm (Ba et al. 2016) with eps 1e-5 (GPT-2/PyTorch default); float32 params, stats in float32."""
     return nnx.LayerNorm(features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

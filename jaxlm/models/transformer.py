@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models import attention, layers
+from jaxlm.models import attention, layers, positions
 
 
 class Block(nnx.Module):
@@ -28,7 +28,8 @@ class Block(nnx.Module):
         self.ln1 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.attn = attention.MultiHeadAttention(d, cfg.num_heads, causal=causal, num_layers=cfg.num_layers,
                                                  dtype=dtype, rngs=rngs, fused=fused,
-                                                 query_blocks=int(cfg.attention_query_blocks))
+                                                 query_blocks=int(cfg.attention_query_blocks),
+                                                 rope=cfg.get("position_encoding", "learned") == "rope")
         self.ln2 = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlp = layers.MlpBlock(d, cfg.mlp_ratio * d, num_layers=cfg.num_layers,
                                    gelu_approximate=bool(cfg.gelu_approximate), dtype=dtype, rngs=rngs)
@@ -40,7 +41,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Token + learned position embeddings, `num_layers` Blocks, final LN, (MLM head), tied output.
+    """Token embeddings (+ learned positions, or rope in attention: ``position_encoding``), `num_layers` Blocks,
+    final LN, (MLM head), tied output.
 
     Built as ``Cls(cfg, vocab_size, *, rngs)`` (cfg = the ``config.model`` slice).  State is only
     nnx.Param: dropout keys come in at call time.  Use :class:`Decoder` or :class:`Encoder`.
@@ -56,7 +58,9 @@ class Transformer(nnx.Module):
         self.remat = bool(cfg.remat)
         self.token_embed = layers.Embed(vocab_size, d, dtype=dtype, rngs=rngs,
                                         std=layers.embedding_std(cfg, recurrent=False))
-        self.pos_embed = layers.PositionEmbed(self.max_len, d, dtype=dtype, rngs=rngs)
+        self.position_encoding = cfg.get("position_encoding", "learned")
+        if self.position_encoding == "learned":
+            self.pos_embed = positions.PositionEmbed(self.max_len, d, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, causal=causal, rngs=rngs, fused=fused) for _ in range(cfg.num_layers)])
         self.ln_f = layers.layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlm_head = mlm_head
@@ -72,16 +76,17 @@ class Transformer(nnx.Module):
         return None
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """tokens int [B, T] -> token + position embeddings [B, T, d] (compute dtype, before dropout).
+        """tokens int [B, T] -> token (+ learned position) embeddings [B, T, d] (compute dtype, before dropout).
 
-        Raises ValueError if T > cfg.max_len (there is no learned position for it).
+        Raises ValueError if T > cfg.max_len (the model's context window, whatever its position encoding).
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         length = tokens.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds model.max_len={self.max_len}")
-        return self.token_embed(tokens) + self.pos_embed(length)[None]
+        x = self.token_embed(tokens)
+        return x + self.pos_embed(length)[None] if self.position_encoding == "learned" else x
 
     def _block(self, block: Block, h, mask, key):
         if self.remat:  # recompute the block's activations in the backward pass instead of storing them

@@ -14,9 +14,10 @@ VOCAB, L = 13, 12
 SPECIALS = (11, 12)   # pretend the last two ids are special; 12 is [MASK]
 
 
-def build(name):
+def build(name, position_encoding="learned"):
     c = config_lib.default_config().model
     c.name, c.num_layers, c.d_model, c.hidden_size, c.num_heads, c.max_len = name, 1, 8, 8, 2, 16
+    c.position_encoding = position_encoding
     return nnx.split(models.build_model(c, VOCAB, 0), nnx.Param)
 
 
@@ -207,6 +208,21 @@ def test_mask_hides_the_far_context_and_keeps_the_positions(name):
     for d in (2, 5):
         np.testing.assert_allclose(hide[d], drop[d], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(hide[d], direct_losses(graphdef, flat, w[:, L - d:L], w[:, -1], kind), rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "none"])
+@pytest.mark.parametrize("name", ["gpt", "bert"])
+def test_with_relative_positions_only_dropping_is_masking(name, encoding):
+    """rope and no positions: attention sees only relative positions, so drop (the target moves to position d - 1)
+    and mask (it stays at L - 1) are the same function; learned positions are the case where they differ."""
+    graphdef, params = build(name, encoding)
+    w = windows()
+    kw = dict(distances=[2, 5, 9], mask_id=12, batch_size=16)
+    drop = context.context_ablation_losses(graphdef, params, w, mode="drop", **kw)
+    hide = context.context_ablation_losses(graphdef, params, w, mode="mask", **kw)
+    for d in (2, 5, 9):
+        np.testing.assert_allclose(hide[d], drop[d], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(drop[2], drop[9])
 
 
 def test_mask_needs_a_transformer():

@@ -154,9 +154,9 @@ def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
 @pytest.mark.parametrize("size", sorted(study.SIZES))
 def test_study_sizes_are_matched_within_ten_percent(size):
     counts = {}
-    for variant in ("rnn", "lstm", "elmo", "gpt", "bert"):
+    for variant in ("rnn", "lstm", "elmo", "gpt", "gpt_rope", "bert"):
         config = study.lm_config(long_range_config("full"), long_range_config("full").study, variant, 0)
-        config.model.update(study.SIZES[size][variant])
+        config.model.update(study.SIZES[size][study.VARIANTS[variant]["name"]])
         model = nnx.eval_shape(lambda: models.build_model(config.model, 101, 0))
         counts[variant] = models.count_params(nnx.state(model, nnx.Param))
     assert max(counts.values()) / min(counts.values()) < 1.12, counts
