@@ -279,6 +279,12 @@ def load(workdir: str) -> ml_collections.ConfigDict:
         raise UserError(f"no config.json in workdir {workdir!r}: train a run there first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"malformed {path!r}: {e}") from None
+    return from_dict(saved)
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config (as config.json holds it) on top of today's defaults: keys added since take their default
+    (which by contract reproduces the old behaviour), keys since removed are dropped."""
     config = default_config()
     for key, value in flatten(saved).items():
         section = config

@@ -167,7 +167,14 @@ def _finished(workdir: str, config) -> dict | None:
             saved = json.load(f)
     except (OSError, ValueError):
         return None
-    return saved["result"] if saved.get("config") == config.to_dict() else None
+    return saved["result"] if _same_config(saved.get("config"), config) else None
+
+
+def _same_config(saved, config) -> bool:
+    """Whether a recorded config is ``config``, keys added to jaxlm since taking their defaults (so a new option
+    does not make every finished run look stale)."""
+    as_json = lambda c: json.loads(json.dumps(c.to_dict()))   # noqa: E731  (tuples and lists alike)
+    return isinstance(saved, dict) and as_json(config_lib.from_dict(saved)) == as_json(config)
 
 
 def _record(workdir: str, config, result: dict) -> None:
@@ -188,7 +195,7 @@ def _stale(workdir: str, config) -> bool:
             saved = json.load(f)
     except (OSError, ValueError):
         return os.path.isdir(os.path.join(workdir, "checkpoints"))   # unreadable: only a fresh start is safe
-    return saved != json.loads(json.dumps(config.to_dict()))
+    return not _same_config(saved, config)
 
 
 def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -> dict:

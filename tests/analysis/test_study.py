@@ -106,6 +106,30 @@ def test_finished_runs_are_reused_not_retrained(tiny_study):
     assert again["summary"]["recall"] == out["summary"]["recall"]
 
 
+def test_a_run_recorded_before_a_config_key_existed_is_still_reused(tiny_study, tmp_path):
+    """A key added to jaxlm since (here model.position_encoding) takes its default; another value is another run."""
+    workdir, config, _, _ = tiny_study
+    run = os.path.join(tmp_path, "seed0")
+    shutil.copytree(os.path.join(workdir, "lm", "gpt", "seed0"), run)
+    for name in (study.MARKER, "config.json"):
+        with open(os.path.join(run, name)) as f:
+            saved = json.load(f)
+        del (saved["config"] if name == study.MARKER else saved)["model"]["position_encoding"]
+        with open(os.path.join(run, name), "w") as f:
+            json.dump(saved, f)
+    run_config = study.lm_config(config, config.study, "gpt", 0)
+    assert study._finished(run, run_config) == saved_result(workdir)
+    rope = study.lm_config(config, config.study, "gpt_rope", 0)
+    assert study._finished(run, rope) is None
+    os.remove(os.path.join(run, study.MARKER))
+    assert not study._stale(run, run_config) and study._stale(run, rope)
+
+
+def saved_result(workdir):
+    with open(os.path.join(workdir, "lm", "gpt", "seed0", study.MARKER)) as f:
+        return json.load(f)["result"]
+
+
 def test_a_finished_run_of_another_config_is_retrained_not_resumed(tiny_study, tmp_path):
     # fewer steps than the finished run's checkpoint: resuming would report a longer-trained model as shorter
     workdir, config, _, _ = tiny_study
