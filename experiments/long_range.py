@@ -1,4 +1,5 @@
-"""The long-range study: rnn, lstm (b_f = 1 and a long-range init), elmo, gpt, bert at matched sizes.
+"""The long-range study: rnn, lstm (b_f = 1 and a long-range init), elmo, gpt (learned or rotary positions), bert
+at matched sizes.
 
   python launch.py --config=experiments/long_range.py:quick --workdir=runs/long_range_quick   # minutes
   python launch.py --config=experiments/long_range.py --workdir=runs/long_range               # the full study
@@ -7,12 +8,12 @@ A config with a ``study`` section is routed by ``--mode=train`` to ``jaxlm.analy
 base sections below describe one run, the GPT char LM, and are what each study run starts from).  Override
 any study key: ``--config.study.seeds=5``, ``--config.study.distances=10,50,100``.
 
-Presets (every model ~0.11M parameters, matched within 10%; ``study.size=char`` for the ~0.43M sizes):
+Presets (every model ~0.11M parameters, matched within 12%; ``study.size=char`` for the ~0.43M sizes):
 - ``quick`` (start here; 4 min 20 s measured on an idle 2-core machine, see README): char LM: rnn, lstm,
   gpt, 1 seed, 500 steps, drop+shuffle ablation on 1,024 windows of 64 characters. Delayed recall at
   d = 10 and 50: rnn, lstm, lstm_fb3, gpt, 3 seeds, up to 500 steps.  elmo and bert: full preset only.
-- ``full``: char LM: rnn, lstm, elmo, gpt, bert, 3 seeds, 800 steps on 128-character windows, all three
-  ablation modes on 4,096 windows at 1%; recall at d = 10, 30, 100: all 7 variants, 3 seeds, up to 600
+- ``full``: char LM: rnn, lstm, elmo, gpt, gpt_rope, bert, 3 seeds, 800 steps on 128-character windows, all three
+  ablation modes on 4,096 windows at 1%; recall at d = 10, 30, 100: rnn, the three LSTMs, elmo, gpt, bert, 3 seeds, up to 600
   steps (its measured time is in README).
 - ``tiny``: the test preset (2 models per task, 1 seed, recall at d = 4 only, a few steps: checks the plumbing).
 
@@ -28,7 +29,7 @@ def _study(preset: str) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.size = "tiny"                     # tiny (~0.11M params) | char (~0.43M, experiments/*_char.py; not timed)
     s.models = "rnn,lstm,lstm_fb3,lstm_chrono,elmo,gpt,bert"   # recall task
-    s.lm_models = "rnn,lstm,elmo,gpt,bert"    # char LM task
+    s.lm_models = "rnn,lstm,elmo,gpt,gpt_rope,bert"   # char LM task (gpt_nope: a GPT without positions)
     s.seeds = 3                         # recall seeds (0 = skip the task)
     s.lm_seeds = 3                      # char LM seeds (0 = skip the task)
     s.distances = "10,30,100"           # recall dependency distances d

@@ -1,5 +1,6 @@
-"""The long-range study: train rnn, lstm (two initialisations), elmo, gpt and bert at matched parameter counts,
-measure how each uses distant context, and write a report that checks the classic claims against the numbers.
+"""The long-range study: train rnn, lstm (two initialisations), elmo, gpt (three position encodings) and bert at
+matched parameter counts, measure how each uses distant context, and write a report that checks the classic claims
+against the numbers.
 
 ``python launch.py --config=experiments/long_range.py:quick --workdir=W`` (a config with a ``study`` section,
 routed here by ``jaxlm.modes.train``) runs two tasks:
@@ -48,7 +49,7 @@ VARIANTS = {
     "gpt_nope": {"name": "gpt", "position_encoding": "none"},   # none: order from the causal mask alone
     "bert": {"name": "bert"},
 }
-# sizes matched within ~10% of each other's parameter count (tests/analysis/test_study.py checks it)
+# sizes matched within ~12% of each other's parameter count (gpt_rope / gpt_nope: no position table) (tests/analysis/test_study.py checks it)
 SIZES = {
     "tiny": {   # ~0.11M parameters: the quick preset
         "rnn": {"num_layers": 2, "d_model": 64, "hidden_size": 170},
