@@ -9,11 +9,13 @@ and runs on its validation split:
 2. context ablation (``analysis.context``): loss at the last token with the context beyond d dropped,
    shuffled and randomised (transformers also: hidden from attention in place, the ``mask`` mode), d on a log
    grid, over ``analysis.num_windows`` windows; the effective context at ``analysis.tolerance`` for each mode;
-3. attention maps (``analysis.attention_maps``, gpt and bert only) of ``analysis.attention_text`` (or the
+3. loss by position (``analysis.position_loss``; left-to-right models): the next-token loss at every position of
+   the same windows, i.e. against the context available in unaltered text;
+4. attention maps (``analysis.attention_maps``, gpt and bert only) of ``analysis.attention_text`` (or the
    first tokens of the validation split): a layers x heads PNG grid and the offline HTML head view.
 
 Outputs: RUN/analysis/{results.json, sensitivity.png, sensitivity_heatmap.png, ablation.png,
-attention.png, head_view.html, report.md}, and TensorBoard images/scalars under ``analysis/*`` in RUN (at
+ablation_increase.png, loss_by_position.png, attention.png, head_view.html, report.md}, and TensorBoard images/scalars under ``analysis/*`` in RUN (at
 the checkpoint's step).  Synthetic-task runs use the task's held-out examples, cut to end at the answer:
 the ablation's target and the sensitivity's row are the answer, so the curves show how far back the
 answer's evidence is read.
@@ -29,7 +31,7 @@ import time
 import numpy as np
 
 from jaxlm import config as config_lib, data, metric_writer, models, runs
-from jaxlm.analysis import apply, attention_maps, context, plots, sensitivity
+from jaxlm.analysis import apply, attention_maps, context, plots, position_loss, sensitivity
 from jaxlm.errors import UserError
 
 ABLATION_MODES = context.MODES
@@ -198,6 +200,9 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     results["ablation"] = run_ablation(trained.graphdef, trained.params, ablation_windows, tokenizer=tokenizer,
                                        modes=tuple(modes), tolerance=a.tolerance, seed=config.seed,
                                        objective=objective)
+    if kind in position_loss.KINDS and not task:   # a task's filler positions carry nothing to learn
+        results["position_loss"] = position_loss.summarize(position_loss.losses_by_position(
+            trained.graphdef, trained.params, ablation_windows, kind=kind, vocab_size=tokenizer.vocab_size))
     images = _figures(results, heat, out_dir)
     if attention and config.model.name in ("gpt", "bert"):
         ids = attention_text_tokens(config, tokenizer, dataset, config.model.max_len)
@@ -246,6 +251,13 @@ def _figures(results: dict, heat: np.ndarray, out_dir: str) -> dict:
     images["ablation_increase"] = plots.ablation_curves(
         increase, reference={"full context": 0.0}, title=f"{name}: loss increase over the full context",
         ylabel="loss(d) - full-context loss, paired (nats)", path=os.path.join(out_dir, "ablation_increase.png"))
+    if "position_loss" in results:
+        p = results["position_loss"]
+        points = {t + 1: (m, e) for t, (m, e) in enumerate(zip(p["mean"], p["stderr"]))}
+        images["loss_by_position"] = plots.ablation_curves(
+            {name: points}, title=f"{name}: loss by position", ylabel="next-token loss (nats)",
+            xlabel="context available: tokens up to and including the position",
+            path=os.path.join(out_dir, "loss_by_position.png"))
     return images
 
 
@@ -257,6 +269,8 @@ def _write_tensorboard(workdir: str, step: int, results: dict, images: dict) -> 
         scalars = {f"analysis/effective_context_{m}": v for m, v in results["ablation"]["effective_context"].items()}
         scalars.update({f"analysis/sensitivity_rel_d{d}": v for d, v in results["sensitivity"]["relative"].items()})
         scalars["analysis/full_context_loss"] = results["ablation"]["full_context_loss"]
+        if "position_loss" in results:
+            scalars["analysis/last_position_excess"] = results["position_loss"]["last_excess"][0]
         writer.write_scalars(step, scalars)
         writer.write_text(step, "analysis/report", run_report(results, sorted(images)))
     finally:
@@ -298,6 +312,16 @@ def run_report(results: dict, images) -> str:
     for mode, pts in ab["increase"].items():
         lines.append(f"| {mode} | " + " | ".join(f"{pts[str(d)][0]:+.3f} ± {pts[str(d)][1]:.3f}"
                                                  for d in ab["grid"][:-1]) + " |")
+    if "position_loss" in results:
+        p = results["position_loss"]
+        length = len(p["mean"])
+        marks = [c for c in REPORT_DISTANCES if c < length] + [length]
+        lines += ["", f"## Loss by position ({p['num_windows']} windows)", "",
+                  "Next-token loss with c tokens of context (position c - 1 of the window; ± the standard error over "
+                  "the windows). Last-position excess: the last position's loss minus the window's mean over its "
+                  f"second half, paired: {p['last_excess'][0]:+.3f} ± {p['last_excess'][1]:.3f}.", "",
+                  "| c | " + " | ".join(str(c) for c in marks) + " |", "|---|" + "---|" * len(marks),
+                  "| loss | " + " | ".join(f"{p['mean'][c - 1]:.3f} ± {p['stderr'][c - 1]:.3f}" for c in marks) + " |"]
     lines += [""] + [f"![{name}]({name}.png)" for name in images]
     if "attention" in results:
         lines += ["", "Attention head view (offline): [head_view.html](head_view.html)"]

@@ -114,7 +114,8 @@ def sensitivity_heatmap(sensitivity, *, target_positions=None, tokens=None, log:
 
 
 def ablation_curves(curves: dict, *, reference: dict | None = None, title: str = "Context ablation",
-                    ylabel: str = "loss at the last token (nats)", path: str | None = None) -> bytes:
+                    ylabel: str = "loss at the last token (nats)",
+                    xlabel: str = "context kept intact: the last d tokens", path: str | None = None) -> bytes:
     """Loss against the context distance d (log x), with standard-error bars.
 
     Args:
@@ -129,7 +130,7 @@ def ablation_curves(curves: dict, *, reference: dict | None = None, title: str =
     for i, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(value, linestyle=":", color=f"C{i % 10}", alpha=0.7, label=f"{label}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context kept intact: the last d tokens")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

@@ -214,6 +214,7 @@ def run_lm(config, workdir: str, s, *, attention: bool, restart: bool = False) -
                                                     "relative_right_stderr") if k in sens}},
             "ablation": analysis["ablation"]["losses"], "ablation_grid": analysis["ablation"]["grid"],
             "ablation_increase": analysis["ablation"]["increase"],   # paired over windows: hooks.run_ablation
+            **({"position_loss": analysis["position_loss"]} if "position_loss" in analysis else {}),   # not bert
             "train_seconds": round(trained_s, 1), "analysis_seconds": analysis["seconds"]}
 
 

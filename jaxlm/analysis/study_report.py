@@ -54,6 +54,12 @@ def summarize(results: dict, config) -> dict:
         means = np.asarray([r["sensitivity"]["mean"] for r in runs], float)
         row["sensitivity_curve"] = {"distances": dist.tolist(), "mean": means.mean(0).tolist(),
                                     "std": means.std(0).tolist()}
+        if all("position_loss" in r for r in runs):   # left-to-right models analysed since it existed
+            curves = np.asarray([r["position_loss"]["mean"] for r in runs], float)
+            excess = [r["position_loss"]["last_excess"] for r in runs]
+            row["position_loss"] = {"mean": curves.mean(0).tolist(), "std": curves.std(0).tolist(),
+                                    "last_excess": _mean_std([e[0] for e in excess]),
+                                    "last_excess_stderr": excess[0][1] if len(runs) == 1 else None}
         out["lm"][variant] = row
     for variant, seeds in results["recall"].items():
         runs = list(seeds.values())
@@ -90,6 +96,13 @@ def figures(results: dict, summary: dict, out: dict, workdir: str) -> dict:
             images[f"ablation_{mode}"] = plots.ablation_curves(
                 pts, title=f"Context ablation ({mode} beyond d), mean ± std over seeds",
                 path=os.path.join(workdir, f"ablation_{mode}.png"))
+        pts = {v: {t + 1: (m, e) for t, (m, e) in enumerate(zip(r["position_loss"]["mean"], r["position_loss"]["std"]))}
+               for v, r in lm.items() if "position_loss" in r}
+        if pts:
+            images["loss_by_position"] = plots.ablation_curves(
+                pts, title="Loss by position (char LM, mean ± std over seeds)", ylabel="next-token loss (nats)",
+                xlabel="context available: tokens up to and including the position",
+                path=os.path.join(workdir, "loss_by_position.png"))
     if summary["recall"]:
         pts = {v: {int(d): tuple(x) for d, x in r["accuracy"].items()} for v, r in summary["recall"].items()}
         images["recall_accuracy"] = plots.accuracy_vs_distance(
@@ -419,12 +432,15 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
              "for a single seed its 90% bootstrap interval over the windows)"
              + ("; mask (transformers only): the far context hidden from attention in place, so the target keeps "
                 "its position, which drop moves to d - 1" if "mask" in modes else "")
-             + ". S(d)/S(1): ± is the standard "
+             + ". Last-position excess: the loss at a window's last position minus its mean over the window's "
+             "second half, paired over the ablation windows (positive: the last position is fitted worse, which "
+             "drop-style ablations read as context; ± over seeds, or one seed's paired standard error). "
+             "S(d)/S(1): ± is the standard "
              "deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
              "",
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
-             + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
-             "|---|---|---|---|" + "---|" * (len(modes) + len(ds))]
+             + "last-pos. excess | " + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
+             "|---|---|---|---|" + "---|" * (len(modes) + 1 + len(ds))]
 
     def ratio(r: dict, d: int) -> str:
         mean_std = r.get("sensitivity_relative", {}).get(str(d))
@@ -441,11 +457,19 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
             return _pm(r["effective_context"][m], 0, r["seeds"])
         return f"{r['effective_context'][m][0]:.0f} ({interval[0][0]}-{interval[0][1]})"
 
+    def excess(r: dict) -> str:
+        if "position_loss" not in r:
+            return ""
+        (mean, std), err = r["position_loss"]["last_excess"], r["position_loss"]["last_excess_stderr"]
+        return f"{mean:+.3f}" + (f" ± {std:.3f}" if r["seeds"] > 1 else "" if err is None else f" ± {err:.3f}")
+
     for v, r in lm.items():
         lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'], seeds=r['seeds'])} | "
-                     + " | ".join(context(r, m) for m in modes) + " | "
+                     + " | ".join(context(r, m) for m in modes) + f" | {excess(r)} | "
                      + " | ".join(ratio(r, d) for d in ds) + " |")
     lines += ["", "![sensitivity](sensitivity.png)", ""]
+    if any("position_loss" in r for r in lm.values()):
+        lines += ["![loss by position](loss_by_position.png)", ""]
     lines += [f"![ablation {m}](ablation_{m}.png)" for m in modes]
     lines += ["", "Per-run analyses (inputs x outputs sensitivity maps, attention maps and offline head views): "
               + ", ".join(f"[{v}]({out['runs']['lm'][v]['seed0']['workdir']}/analysis/report.md)"

@@ -72,6 +72,7 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
                 assert set(run["ablation"][mode]) == {str(d) for d in run["ablation_grid"]}
                 assert run["ablation_increase"][mode][str(run["ablation_grid"][-1])] == [0.0, 0.0]   # full context
             assert run["sensitivity"]["relative"]["1"] == pytest.approx(1.0)
+            assert ("position_loss" in run) == (variant != "bert")   # a masked LM predicts no next token
             assert len(run["sensitivity"]["distances"]) == len(run["sensitivity"]["mean"])
             assert os.path.isfile(os.path.join(workdir, run["workdir"], "analysis", "results.json"))
     for variant in recall_models:
@@ -87,7 +88,7 @@ def test_tiny_study_runs_end_to_end_with_every_documented_field(tiny_study):
     for f in saved["findings"]:
         assert f["verdict"] in ("reproduced", "partly reproduced", "not reproduced", "not measured",
                                 "reproduced (shape only)", "not established (within the error)")
-    for name in ("report.md", "sensitivity.png", "recall_accuracy.png", "ablation_drop.png"):
+    for name in ("report.md", "sensitivity.png", "recall_accuracy.png", "ablation_drop.png", "loss_by_position.png"):
         assert os.path.isfile(os.path.join(workdir, name)), name
     report = pathlib.Path(os.path.join(workdir, "report.md")).read_text()
     assert "Khandelwal" in report and "Vaswani" in report and "±" in report
@@ -163,16 +164,17 @@ def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     jaxlm.run(config, workdir, "analyze")
     out = os.path.join(workdir, "analysis")
     for name in ("results.json", "report.md", "sensitivity.png", "sensitivity_heatmap.png", "ablation.png",
-                 "ablation_increase.png", "attention.png", "head_view.html"):
+                 "ablation_increase.png", "loss_by_position.png", "attention.png", "head_view.html"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     assert results["ablation"]["num_windows"] == 32
+    assert results["position_loss"]["num_windows"] == 32 and len(results["position_loss"]["mean"]) == 16
     assert set(results["ablation"]["effective_context"]) == {"drop", "shuffle", "random", "mask"}   # a gpt
     assert results["attention"]["shape"][:2] == [2, 4]   # layers x heads of the tiny gpt
     assert "http" not in pathlib.Path(os.path.join(out, "head_view.html")).read_text().lower()
     tags = set(metric_writer.read_scalars(workdir))
-    assert "analysis/effective_context_drop" in tags
+    assert "analysis/effective_context_drop" in tags and "analysis/last_position_excess" in tags
 
 
 @pytest.mark.parametrize("size", sorted(study.SIZES))
@@ -272,6 +274,26 @@ def test_lm_table_gives_the_spread_over_seeds_or_one_seeds_own_error():
     cells = {line.split("|")[1].strip(): line.split("|")[-2].strip()
              for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
     assert cells == {"rnn": "0.045 ± 0.003", "gpt": "0.045 ± 0.006", "lstm": "0.0055"}
+
+
+def test_last_position_excess_is_summarised_over_seeds_or_by_one_seeds_paired_error():
+    def run(excess, stderr):
+        return {"params": 1, "eval_loss": 1.5, "effective_context": {"drop": 8}, "ablation": {"drop": {"64": [1.5, 0]}},
+                "sensitivity": {"distances": [1], "mean": [1.0]},
+                "position_loss": {"mean": [2.0, 1.0 + excess], "stderr": [0.1, 0.1], "last_excess": [excess, stderr]}}
+    results = {"lm": {"gpt": {"seed0": run(0.30, 0.02), "seed1": run(0.40, 0.03)}, "lstm": {"seed0": run(-0.01, 0.004)},
+                      "bert": {"seed0": {k: v for k, v in run(0, 0).items() if k != "position_loss"}}}, "recall": {}}
+    lm = study_report.summarize(results, None)["lm"]
+    assert lm["gpt"]["position_loss"]["mean"] == pytest.approx([2.0, 1.35])
+    assert lm["gpt"]["position_loss"]["last_excess"] == pytest.approx([0.35, np.std([0.3, 0.4], ddof=1)])
+    s = {"lm_steps": 1, "lm_batch_size": 1, "lm_seq_len": 64, "num_sequences": 8, "num_windows": 8}
+    out = {"tolerance": 0.05, "runs": {"lm": {v: {} for v in lm}}}
+    lines = study_report._lm_section(lm, s, out)
+    column = next(line for line in lines if "params" in line).split("|").index(" last-pos. excess ")
+    cells = {line.split("|")[1].strip(): line.split("|")[column].strip()
+             for line in lines if line.startswith("| ") and "params" not in line}
+    assert cells == {"gpt": "+0.350 ± 0.071", "lstm": "-0.010 ± 0.004", "bert": ""}
+    assert "![loss by position](loss_by_position.png)" in lines
 
 
 @pytest.mark.parametrize("lstm, err, verdict", [(0.0075, 0.0006, "reproduced"),
