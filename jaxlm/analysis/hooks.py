@@ -15,10 +15,11 @@ and runs on its validation split:
    first tokens of the validation split): a layers x heads PNG grid and the offline HTML head view.
 
 Outputs: RUN/analysis/{results.json, sensitivity.png, sensitivity_heatmap.png, ablation.png,
-ablation_increase.png, loss_by_position.png, attention.png, head_view.html, report.md}, and TensorBoard images/scalars under ``analysis/*`` in RUN (at
-the checkpoint's step).  Synthetic-task runs use the task's held-out examples, cut to end at the answer:
-the ablation's target and the sensitivity's row are the answer, so the curves show how far back the
-answer's evidence is read.
+ablation_increase.png, loss_by_position.png, attention.png, head_view.html, report.md}, and TensorBoard
+images/scalars under ``analysis/*`` in RUN (at the checkpoint's step).  Synthetic-task runs use the task's
+held-out examples, cut to end at the answer: the ablation's target and the sensitivity's row are the answer, so
+the curves show how far back the answer's evidence is read (and loss by position is skipped: filler positions
+carry nothing to learn).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ VARIANTS = {
     "gpt_nope": {"name": "gpt", "position_encoding": "none"},   # none: order from the causal mask alone
     "bert": {"name": "bert"},
 }
-# sizes matched within ~12% of each other's parameter count (gpt_rope / gpt_nope: no position table) (tests/analysis/test_study.py checks it)
+# sizes matched within ~12% of each other's parameter count (tests/analysis/test_study.py checks it; gpt_rope and
+# gpt_nope are the smallest: they have no position table)
 SIZES = {
     "tiny": {   # ~0.11M parameters: the quick preset
         "rnn": {"num_layers": 2, "d_model": 64, "hidden_size": 170},
