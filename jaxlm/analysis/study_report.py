@@ -181,7 +181,7 @@ def findings(summary: dict, out: dict) -> list[dict]:
     """One dict per literature claim: citation, what the paper found, this run's numbers, verdict."""
     return [f for f in (_vanishing(summary), _lstm_sensitivity(summary), _khandelwal(summary, out),
                         _rnn_recall(summary, out), _lstm_recall(summary, out), _long_init(summary),
-                        _transformer(summary)) if f]
+                        _transformer(summary), _rotary(summary)) if f]
 
 
 def _vanishing(summary):
@@ -380,6 +380,32 @@ def _transformer(summary):
         elif verdict == "not measured":
             verdict = "reproduced" if flatter else "not reproduced"
     return _finding("transformer_constant_path", cite, lit, "; ".join(parts) + ".", verdict)
+
+
+def _rotary(summary):
+    lm = summary["lm"]
+    cite = "Su et al. (2021), RoFormer"
+    lit = ("Rotating queries and keys by angles proportional to their positions makes attention depend on relative "
+           "position only; in the paper's pre-training, the rotary model reached a lower loss in the same number "
+           "of steps than BERT's learned absolute positions.")
+    if "gpt" not in lm or "gpt_rope" not in lm:
+        return _not_measured("rotary_positions", cite, lit, "a GPT with learned and one with rotary positions "
+                             "(study.lm_models gpt and gpt_rope)")
+    learned, rotary = lm["gpt"], lm["gpt_rope"]
+    errors = [r["eval_loss"][1] / np.sqrt(r["seeds"]) for r in (learned, rotary) if r["seeds"] > 1]
+    margin = THRESHOLDS["sigmas"] * float(np.hypot(*errors)) if len(errors) == 2 else 0.0
+    lower = learned["eval_loss"][0] - rotary["eval_loss"][0]
+    verdict = ("reproduced" if lower > margin else "not reproduced" if lower < -margin
+               else "not established (within the error)")
+    text = (f"char-LM eval loss at equal steps: learned positions {_pm(learned['eval_loss'], seeds=learned['seeds'])}, "
+            f"rotary {_pm(rotary['eval_loss'], seeds=rotary['seeds'])} (mean ± std over seeds; a difference counts "
+            f"beyond {THRESHOLDS['sigmas']:g} combined standard errors"
+            + ("" if margin else "; one seed: no error, the point values decide") + ").")
+    contexts = [f"{v} {m} {r['effective_context'][m][0]:.0f}" for v, r in (("gpt", learned), ("gpt_rope", rotary))
+                for m in ("drop", "mask") if m in r["effective_context"]]
+    if contexts:
+        text += " Effective context: " + ", ".join(contexts) + " (under rotary positions drop and mask coincide)."
+    return _finding("rotary_positions", cite, lit, text, verdict)
 
 
 # ------------------------------------------------------------------------------------------------------------

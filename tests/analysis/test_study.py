@@ -296,6 +296,21 @@ def test_last_position_excess_is_summarised_over_seeds_or_by_one_seeds_paired_er
     assert "![loss by position](loss_by_position.png)" in lines
 
 
+@pytest.mark.parametrize("rope, std, seeds, verdict", [
+    (1.148, 0.032, 3, "reproduced"),                            # the full preset, 2026-12-05
+    (1.540, 0.040, 3, "not established (within the error)"),    # 0.041 lower: 2 combined errors are 0.073
+    (1.700, 0.040, 3, "not reproduced"),
+    (1.570, 0.0, 1, "reproduced")])                            # one seed each: the point values decide
+def test_rotary_verdict_compares_eval_losses_beyond_the_error(rope, std, seeds, verdict):
+    def row(loss, std):
+        return {"seeds": seeds, "eval_loss": [loss, std], "effective_context": {"drop": [64, 0], "mask": [64, 0]}}
+    summary = {"lm": {"gpt": row(1.581, 0.049 if seeds > 1 else 0.0), "gpt_rope": row(rope, std)}, "recall": {}}
+    finding = study_report._rotary(summary)
+    assert finding["verdict"] == verdict and "gpt_rope mask 64" in finding["this_run"]
+    del summary["lm"]["gpt_rope"]
+    assert study_report._rotary(summary)["verdict"] == "not measured"
+
+
 @pytest.mark.parametrize("lstm, err, verdict", [(0.0075, 0.0006, "reproduced"),
                                                 (0.0055, 0.0006, "not established (within the error)"),
                                                 (0.0040, 0.0006, "not reproduced")])
