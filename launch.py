@@ -203,10 +203,10 @@ def main(argv) -> int:
     from jaxlm import config as config_lib
     from jaxlm.errors import DivergedError, Interrupted, UserError
     try:
-        config_lib.validate(config)
         from jaxlm import preflight
         failed_check = None
         try:
+            config_lib.validate(config)
             preflight.check(config, workdir, mode)   # a wrong path fails now, not after ~5 s of importing JAX
         except UserError as e:
             if _COORDINATOR.value is None and not _DISTRIBUTED.value:

@@ -389,12 +389,23 @@ def test_killed_peer_makes_survivor_exit_with_a_clear_message(corpus, tmp_path, 
                     and "restart all processes" in err)), err[-2000:]
 
 
-def test_a_path_missing_on_one_host_stops_every_process_with_its_message(corpus, tmp_path):
-    """Process 1's corpus does not exist (on its host only): both processes exit 2 at once, process 0 naming
-    process 1 and the path, instead of waiting for a peer that has gone (initialize's 120 s timeout)."""
+@pytest.mark.parametrize("what", ["corpus", "config"])
+def test_a_check_failing_on_one_host_stops_every_process_with_its_message(corpus, tmp_path, what):
+    """Process 1's corpus does not exist, or its config is invalid (an experiment file edited on its host only):
+    both processes exit 2 at once, process 0 naming process 1 and the problem, instead of waiting for a peer
+    that has gone (initialize's 120 s timeout)."""
     missing = str(tmp_path / "not_on_this_host.txt")
+    needle = missing if what == "corpus" else "batch_size=0"
     address = f"127.0.0.1:{launch_local.free_port()}"
-    procs = [subprocess.Popen([sys.executable, LAUNCH, *_launch_args(missing if i else corpus, str(tmp_path / "run")),
+
+    def args(i):
+        if not i:
+            return _launch_args(corpus, str(tmp_path / "run"))
+        if what == "corpus":
+            return _launch_args(missing, str(tmp_path / "run"))
+        return [*_launch_args(corpus, str(tmp_path / "run")), "--config.train.batch_size=0"]
+
+    procs = [subprocess.Popen([sys.executable, LAUNCH, *args(i),
                                f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
                               env=_env(1, str(tmp_path)), cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -405,8 +416,8 @@ def test_a_path_missing_on_one_host_stops_every_process_with_its_message(corpus,
             p.kill()
             p.wait()
     assert [p.returncode for p in procs] == [2, 2], errs
-    assert "process 1 of 2: " in errs[0] and missing in errs[0], errs[0][-2000:]
-    assert missing in errs[1] and "Traceback" not in errs[0] + errs[1], errs[1][-2000:]
+    assert "process 1 of 2: " in errs[0] and needle in errs[0], errs[0][-2000:]
+    assert needle in errs[1] and "Traceback" not in errs[0] + errs[1], errs[1][-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
