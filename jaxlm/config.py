@@ -103,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.analysis.num_sequences = 256   # sequences averaged for gradient sensitivity
     c.analysis.num_windows = 4096    # target windows for context ablation
     c.analysis.attention_text = ""   # text for attention maps ("" = the start of the validation split)
+    c.analysis.seq_len = 0           # analysed window length (0 = data.seq_len; longer: beyond the training length)
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.strategy = "jit"      # jit (mesh + NamedSharding) | pmap (legacy)
@@ -218,7 +219,8 @@ def validate(config) -> None:
     if not 0.0 < d.valid_fraction:
         _fail("data.valid_fraction", d.valid_fraction, "must be in (0, 1): evaluation needs a validation split")
     for key in ("model.projection_size", "model.embed_init_std", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
-                "optim.min_learning_rate", "data.vocab_size", "data.max_corpus_bytes", "train.sample_length"):
+                "optim.min_learning_rate", "data.vocab_size", "data.max_corpus_bytes", "train.sample_length",
+                "analysis.seq_len"):
         if _get(config, key) < 0:
             _fail(key, _get(config, key), "must be >= 0")
     if m.d_model % m.num_heads:

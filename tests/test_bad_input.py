@@ -101,6 +101,7 @@ CASES = [
     ("unknown_position_encoding", ["--config.model.position_encoding=alibi"], "alibi"),
     ("rope_with_an_odd_head_dimension", ["--config.model.position_encoding=rope", "--config.model.d_model=12",
                                          "--config.model.num_heads=4"], "= 3"),
+    ("negative_analysis_length", ["--config.analysis.seq_len=-1"], "analysis.seq_len=-1"),
     ("zero_query_blocks", ["--config.model.attention_query_blocks=0"], "attention_query_blocks=0"),
     ("zero_layers", ["--config.model.num_layers=0"], "num_layers=0"),
     ("negative_width", ["--config.model.d_model=-8"], "d_model=-8"),

@@ -160,6 +160,24 @@ def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarra
     return ids
 
 
+def analysis_length(config) -> int:
+    """The windows' length: ``analysis.seq_len``, or the run's ``data.seq_len`` (0).  Longer windows test a model
+    beyond its training length, which a learned position table cannot represent: a UserError then."""
+    length, m = int(config.analysis.seq_len) or config.data.seq_len, config.model
+    if length == config.data.seq_len:
+        return length
+    if config.data.source.startswith("synthetic:"):
+        raise UserError(f"invalid analysis.seq_len={length}: a synthetic task's examples have their own length "
+                        f"(data.seq_len={config.data.seq_len}); use 0")
+    learned = m.name in ("gpt", "bert") and m.position_encoding == "learned"
+    limit = m.max_len - (m.name == "bert")   # bert's ablation appends a [MASK] after the context
+    if learned and length > limit:
+        raise UserError(f"invalid analysis.seq_len={length}: this {m.name} has learned positions for "
+                        f"{m.max_len} tokens{' (one is for the appended [MASK])' if m.name == 'bert' else ''}, "
+                        f"so at most {limit}; rope, none and recurrent models run at any length")
+    return length
+
+
 def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABLATION_MODES,
                 attention: bool = True, write_tensorboard: bool = True) -> dict:
     """Run sensitivity, context ablation and attention maps on the trained run in ``workdir``.
@@ -176,6 +194,8 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     trained = runs.load(workdir)
     config = trained.config
     _apply_overrides(config, config_overrides)
+    trained_len = config.data.seq_len
+    config.data.seq_len = analysis_length(config)
     dataset = data.build_dataset(config, workdir)
     tokenizer = trained.tokenizer
     objective = config_lib.objective_name(config)
@@ -184,11 +204,12 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     os.makedirs(out_dir, exist_ok=True)
     a = config.analysis
     seq_len = config.data.seq_len
-    # bert predicts the ablation target from a [MASK] appended after the context: keep it within max_len
-    context_len = min(seq_len, config.model.max_len - 1) if kind == "masked" else seq_len
+    # bert predicts the ablation target from a [MASK] appended after the context: keep a learned table's length
+    learned = config.model.name in ("gpt", "bert") and config.model.position_encoding == "learned"
+    context_len = min(seq_len, config.model.max_len - 1) if kind == "masked" and learned else seq_len
     results = {"workdir": workdir, "model": config.model.name, "kind": kind, "step": trained.step,
                "params": models.count_params(trained.params),
-               "data_source": config.data.source, "seq_len": seq_len}
+               "data_source": config.data.source, "seq_len": seq_len, "trained_seq_len": trained_len}
 
     task = config.data.source.startswith("synthetic:")   # score the answer, not the closing [EOS]
     windows = validation_windows(dataset, a.num_sequences, seq_len, synthetic=task)
@@ -283,7 +304,9 @@ def run_report(results: dict, images) -> str:
     s, ab = results["sensitivity"], results["ablation"]
     lines = [f"# Long-range analysis of {results['workdir']}", "",
              f"Model **{results['model']}** ({results['kind']}), step {results['step']}, data {results['data_source']}, "
-             f"seq_len {results['seq_len']}.", "",
+             f"seq_len {results['seq_len']}" + (f" (trained on {results['trained_seq_len']}: beyond its training "
+                                                "length)" if results.get("trained_seq_len", results["seq_len"])
+                                               != results["seq_len"] else "") + ".", "",
              f"## Gradient sensitivity ({s['num_sequences']} sequences, {len(s['target_positions'])} target positions)",
              "", "± is the jackknife standard error over the sequences.", "",
              "| d | S(d)/S(1) |" + (" S(-d)/S(-1) |" if "relative_right" in s else ""),

@@ -78,13 +78,14 @@ class Transformer(nnx.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens int [B, T] -> token (+ learned position) embeddings [B, T, d] (compute dtype, before dropout).
 
-        Raises ValueError if T > cfg.max_len (the model's context window, whatever its position encoding).
+        Raises ValueError if T > cfg.max_len with learned positions (the table has max_len rows); rope and none
+        run at any length (analysis beyond the training length), max_len staying the window sampling uses.
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
         length = tokens.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds model.max_len={self.max_len}")
+        if length > self.max_len and self.position_encoding == "learned":
+            raise ValueError(f"sequence length {length} exceeds model.max_len={self.max_len} (learned positions)")
         x = self.token_embed(tokens)
         return x + self.pos_embed(length)[None] if self.position_encoding == "learned" else x
 

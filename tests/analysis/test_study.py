@@ -155,6 +155,20 @@ def test_a_run_cannot_resume_past_its_train_steps(tiny_study):
         loop.train(config, run)
 
 
+def test_analysis_beyond_the_training_length_runs_where_the_model_can(tiny_study):
+    """A recurrent model is analysed on windows twice its training length; a learned position table refuses."""
+    lstm, gpt = (os.path.join(tiny_study[0], "lm", v, "seed0") for v in ("lstm", "gpt"))
+    config = config_lib.default_config()
+    config.analysis.seq_len, config.analysis.num_windows, config.analysis.num_sequences = 32, 16, 4
+    results = jaxlm.run(config, lstm, "analyze")
+    assert (results["seq_len"], results["trained_seq_len"]) == (32, 16)
+    assert len(results["position_loss"]["mean"]) == 32 and results["ablation"]["grid"][-1] == 32
+    assert np.isfinite(results["position_loss"]["mean"]).all()
+    assert "trained on 16: beyond its training length" in pathlib.Path(lstm, "analysis", "report.md").read_text()
+    with pytest.raises(UserError, match=r"analysis.seq_len=32: this gpt has learned positions for 16 tokens"):
+        jaxlm.run(config, gpt, "analyze")
+
+
 def test_analyze_mode_writes_results_pngs_and_head_view(tiny_study):
     workdir = os.path.join(tiny_study[0], "lm", "gpt", "seed0")
     for name in os.listdir(os.path.join(workdir, "analysis")):

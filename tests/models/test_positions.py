@@ -84,6 +84,15 @@ def _build(name, encoding, **overrides):
     return models.build_model(c, 50, 0)
 
 
+def test_only_a_learned_table_limits_the_length():
+    """rope and none run beyond model.max_len (analysis beyond the training length); a learned table cannot."""
+    tokens = jnp.zeros((1, 80), jnp.int32)   # max_len 64
+    for encoding in ("rope", "none"):
+        assert _build("gpt", encoding)(tokens)[0].shape == (1, 80, 50)
+    with pytest.raises(ValueError, match="exceeds model.max_len=64"):
+        _build("gpt", "learned")(tokens)
+
+
 def test_only_learned_positions_have_a_table():
     count = {e: sum(x.size for x in jax.tree.leaves(nnx.state(_build("gpt", e), nnx.Param)))
              for e in positions.ENCODINGS}
