@@ -125,7 +125,7 @@ def test_the_keys_left_out_of_the_key_cannot_change_the_traced_steps():
     changed = {"seed": 7, "train.log_every": 3, "train.eval_every": 5, "train.eval_batches": 2,
                "train.sample_length": 9, "train.checkpoint_every": 4, "train.keep_checkpoints": 1,
                "train.stop_at_accuracy": 0.5, "analysis.attention_text": "the cat", "analysis.num_sequences": 3,
-               "analysis.num_windows": 8, "analysis.tolerance": 0.5}
+               "analysis.num_windows": 8, "analysis.tolerance": 0.5, "analysis.seq_len": 32}
     analysis = [f"analysis.{k}" for k in worker.tiny_config().analysis]
     untraced = [k for k in step_cache.UNTRACED_KEYS if k != "analysis"] + analysis
     assert sorted(changed) == sorted(untraced)   # every key left out is checked
