@@ -1,6 +1,5 @@
 """Loss by position against a plain forward pass and a float64 log-softmax, for every left-to-right kind."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
