@@ -12,9 +12,9 @@ Presets (every model ~0.11M parameters, matched within 12%; ``study.size=char`` 
 - ``quick`` (start here; 4 min 20 s measured on an idle 2-core machine, see README): char LM: rnn, lstm,
   gpt, 1 seed, 500 steps, drop+shuffle ablation on 1,024 windows of 64 characters. Delayed recall at
   d = 10 and 50: rnn, lstm, lstm_fb3, gpt, 3 seeds, up to 500 steps.  elmo and bert: full preset only.
-- ``full``: char LM: rnn, lstm, elmo, gpt, gpt_rope, bert, 3 seeds, 800 steps on 128-character windows, all three
-  ablation modes on 4,096 windows at 1%; recall at d = 10, 30, 100: rnn, the three LSTMs, elmo, gpt, bert, 3 seeds, up to 600
-  steps (its measured time is in README).
+- ``full``: char LM: rnn, lstm, elmo, gpt, gpt_rope, bert, 3 seeds, 800 steps on 128-character windows, all
+  three ablation modes on 4,096 windows at 1%; recall at d = 10, 30, 100: rnn, the three LSTMs, elmo, gpt, bert,
+  3 seeds, up to 600 steps (its measured time is in README).
 - ``tiny``: the test preset (2 models per task, 1 seed, recall at d = 4 only, a few steps: checks the plumbing).
 
 Recall runs stop once solved (``study.stop_at_accuracy``), so the report also gives steps to solve.

@@ -160,6 +160,11 @@ def attention_text_tokens(config, tokenizer, dataset, max_len: int) -> np.ndarra
     return ids
 
 
+def _learned_positions(model_cfg) -> bool:
+    """A transformer with a learned position table: it has no position past model.max_len."""
+    return model_cfg.name in ("gpt", "bert") and model_cfg.position_encoding == "learned"
+
+
 def analysis_length(config) -> int:
     """The windows' length: ``analysis.seq_len``, or the run's ``data.seq_len`` (0).  Longer windows test a model
     beyond its training length, which a learned position table cannot represent: a UserError then."""
@@ -169,7 +174,7 @@ def analysis_length(config) -> int:
     if config.data.source.startswith("synthetic:"):
         raise UserError(f"invalid analysis.seq_len={length}: a synthetic task's examples have their own length "
                         f"(data.seq_len={config.data.seq_len}); use 0")
-    learned = m.name in ("gpt", "bert") and m.position_encoding == "learned"
+    learned = _learned_positions(m)
     limit = m.max_len - (m.name == "bert")   # bert's ablation appends a [MASK] after the context
     if learned and length > limit:
         raise UserError(f"invalid analysis.seq_len={length}: this {m.name} has learned positions for "
@@ -205,7 +210,7 @@ def analyze_run(workdir: str, config_overrides: dict | None = None, *, modes=ABL
     a = config.analysis
     seq_len = config.data.seq_len
     # bert predicts the ablation target from a [MASK] appended after the context: keep a learned table's length
-    learned = config.model.name in ("gpt", "bert") and config.model.position_encoding == "learned"
+    learned = _learned_positions(config.model)
     context_len = min(seq_len, config.model.max_len - 1) if kind == "masked" and learned else seq_len
     results = {"workdir": workdir, "model": config.model.name, "kind": kind, "step": trained.step,
                "params": models.count_params(trained.params),
