@@ -142,6 +142,13 @@ def caveats(config) -> list[str]:
         notes.append("model.name=bert attends in both directions, so with objective.name=causal_lm each position "
                      "sees the token it predicts and the loss falls towards 0 by copying it; a causal LM is "
                      "model.name=gpt")
+    encoding = config.model.position_encoding
+    if encoding != "learned" and config.model.name in RECURRENT_MODELS:
+        notes.append(f"model.position_encoding={encoding} has no effect on model.name={config.model.name}: recurrent "
+                     "models read order from their recurrence, not from position encodings (gpt and bert use it)")
+    if encoding == "none" and config.model.name == "bert":
+        notes.append("model.position_encoding=none on a bidirectional bert: nothing tells it where a token is, so it "
+                     "sees each window as a bag of words")
     return notes
 
 

@@ -63,3 +63,16 @@ def test_only_a_bert_trained_as_a_causal_lm_is_flagged():
         notes = config_lib.caveats(bert)
         leaks = (name, objective) == ("bert", "causal_lm")
         assert len(notes) == leaks and all("sees the token it predicts" in n for n in notes), (name, objective, notes)
+
+
+def test_a_position_encoding_that_cannot_act_is_flagged():
+    """rope/none on a recurrent model change nothing, and none on a bert leaves it a bag of words: both noted."""
+    config = load(os.path.join(ROOT, "experiments", "gpt_char.py"))
+    expected = {("gpt", "rope"): "", ("gpt", "none"): "", ("bert", "rope"): "", ("lstm", "learned"): "",
+                ("lstm", "rope"): "has no effect on model.name=lstm", ("elmo", "none"): "has no effect",
+                ("bert", "none"): "bag of words"}
+    for (name, encoding), needle in expected.items():
+        config.model.name, config.model.position_encoding = name, encoding
+        config.objective.name = "bidirectional_lm" if name == "elmo" else ""
+        notes = config_lib.caveats(config)
+        assert (len(notes), needle in "".join(notes)) == (bool(needle), True), (name, encoding, notes)
