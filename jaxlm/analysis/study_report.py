@@ -450,6 +450,7 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
     if not lm:
         return ["## Character LM", "", "Not run (study.lm_seeds = 0 or no study.lm_models).", ""]
     modes = _modes(lm)
+    positional = any("position_loss" in r for r in lm.values())   # runs analysed before it existed have none
     ds = sorted({int(d) for r in lm.values() for d in r.get("sensitivity_relative", {}) if int(d) > 1})
     lines = ["## Character LM on the built-in corpus", "",
              f"{s['lm_steps']} steps, batch {s['lm_batch_size']}, windows of {s['lm_seq_len']} characters; "
@@ -458,15 +459,16 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
              "for a single seed its 90% bootstrap interval over the windows)"
              + ("; mask (transformers only): the far context hidden from attention in place, so the target keeps "
                 "its position, which drop moves to d - 1" if "mask" in modes else "")
-             + ". Last-position excess: the loss at a window's last position minus its mean over the window's "
-             "second half, paired over the ablation windows (positive: the last position is fitted worse, which "
-             "drop-style ablations read as context; ± over seeds, or one seed's paired standard error). "
-             "S(d)/S(1): ± is the standard "
+             + (". Last-position excess: the loss at a window's last position minus its mean over the window's "
+                "second half, paired over the ablation windows (positive: the last position is fitted worse, which "
+                "drop-style ablations read as context; ± over seeds, or one seed's paired standard error)"
+                if positional else "")
+             + ". S(d)/S(1): ± is the standard "
              "deviation over seeds, or for a single seed the jackknife standard error over its sequences.",
              "",
              "| model | params | seeds | eval loss | " + " | ".join(f"eff. ctx ({m})" for m in modes) + " | "
-             + "last-pos. excess | " + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
-             "|---|---|---|---|" + "---|" * (len(modes) + 1 + len(ds))]
+             + ("last-pos. excess | " if positional else "") + " | ".join(f"S({d})/S(1)" for d in ds) + " |",
+             "|---|---|---|---|" + "---|" * (len(modes) + positional + len(ds))]
 
     def ratio(r: dict, d: int) -> str:
         mean_std = r.get("sensitivity_relative", {}).get(str(d))
@@ -491,10 +493,10 @@ def _lm_section(lm: dict, s: dict, out: dict) -> list[str]:
 
     for v, r in lm.items():
         lines.append(f"| {v} | {r['params']:,} | {r['seeds']} | {_pm(r['eval_loss'], seeds=r['seeds'])} | "
-                     + " | ".join(context(r, m) for m in modes) + f" | {excess(r)} | "
+                     + " | ".join(context(r, m) for m in modes) + (f" | {excess(r)} | " if positional else " | ")
                      + " | ".join(ratio(r, d) for d in ds) + " |")
     lines += ["", "![sensitivity](sensitivity.png)", ""]
-    if any("position_loss" in r for r in lm.values()):
+    if positional:
         lines += ["![loss by position](loss_by_position.png)", ""]
     lines += [f"![ablation {m}](ablation_{m}.png)" for m in modes]
     lines += ["", "Per-run analyses (inputs x outputs sensitivity maps, attention maps and offline head views): "

@@ -394,3 +394,5 @@ def test_summary_keeps_each_seeds_effective_context_interval_and_one_seed_shows_
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[4:6]]
              for line in study_report._lm_section(lm, s, out) if line.startswith("| ") and "params" not in line}
     assert cells == {"lstm": ["1.500", "8 (4-16)"], "gpt": ["1.500 ± 0.000", "6 ± 3"]}   # eval loss, eff. ctx
+    assert not any("last-pos. excess" in line or "loss_by_position" in line   # recorded before it existed: no column
+                   for line in study_report._lm_section(lm, s, out))
